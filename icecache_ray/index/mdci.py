@@ -1,0 +1,330 @@
+"""The M-DCI index of one (sequence, layer, KV head): semantic pages over post-RoPE keys.
+
+Maximum inner product search is turned into nearest-neighbour search with the augmentation
+``k~ = [k, sqrt(M - |k|^2)]`` (M = running max of |k|^2), so "nearest parent" is the parent with
+the largest augmented inner product. Levels follow :mod:`.levels`; every token sits under its
+nearest level-1 node (cluster), and each cluster's tokens are packed into pages of at most
+``page_size`` tokens whose K and V rows are one contiguous host-pool page. Queries run a beam
+search down the levels (:func:`kernels.mdci.route_clusters`), score every token of the pages of
+the chosen clusters exactly, and rank pages with the GQA rule of :mod:`.select`.
+
+Metadata (beyond K/V) per token: 4 B (page slot -> token id) + per page 16 B + per cluster
+(4 d + 16) B + routing 8 B per routing node; :meth:`MDCIIndex.metadata_bytes` counts it exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from icecache_ray.config import IndexConfig
+from icecache_ray.index.levels import level_of, levels_of
+from icecache_ray.index.routing import Routing
+from icecache_ray.index.select import merge_group, per_head_page_values
+from icecache_ray.index.storage import PageTable, check_keys, check_queries
+from icecache_ray.kernels import mdci as K
+
+log = logging.getLogger(__name__)
+
+PCA_ITERS = 8
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """Pages chosen for one KV head, best first.
+
+    pages: [k'] int32 index page ids; counts: [k'] valid tokens of each; pool_pages: [k'] pool
+    page ids (what a loader copies); n_scored: tokens whose q.k was computed exactly.
+    """
+
+    pages: np.ndarray
+    counts: np.ndarray
+    pool_pages: np.ndarray
+    n_scored: int
+
+
+@dataclass(frozen=True)
+class InsertResult:
+    """dirty_pages: index pages whose contents changed (new pages included); new_pages: the new ones."""
+
+    dirty_pages: np.ndarray
+    new_pages: np.ndarray
+
+
+class MDCIIndex:
+    """Index over the keys of one (sequence, layer, KV head); pages live in ``pool``."""
+
+    def __init__(self, pool, config: IndexConfig, head_dim: int, scale: float | None = None) -> None:
+        if pool.layout.dtype != "float32":
+            raise ValueError(f"pool dtype={pool.layout.dtype!r}: the CPU index kernels need a float32 pool")
+        if pool.layout.head_dim != head_dim:
+            raise ValueError(f"head_dim={head_dim} does not match the pool's head_dim={pool.layout.head_dim}")
+        self.config = config
+        self.head_dim = head_dim
+        self.page_size = pool.layout.page_size
+        self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+        self.table = PageTable(pool, head_dim)
+        self.routing = Routing()
+        self.n_tokens = 0
+        self.max_sq_norm = 0.0
+        self._radius_cache: tuple | None = None
+        rng = np.random.default_rng(config.seed)
+        direction = rng.standard_normal(head_dim + 1).astype(np.float32)
+        self._direction = direction / np.linalg.norm(direction)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n_pages(self) -> int:
+        return self.table.n_pages
+
+    @property
+    def n_clusters(self) -> int:
+        return self.table.n_clusters
+
+    def metadata_bytes(self) -> int:
+        """Bytes of index metadata beyond the K/V rows in the pool."""
+        return self.table.metadata_bytes() + self.routing.nbytes
+
+    # ------------------------------------------------------------------ build
+    def build(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Bulk-build from the first tokens. keys, values: [n, head_dim] (post-RoPE keys)."""
+        keys, values = check_keys(keys, values, self.head_dim)
+        if self.n_tokens:
+            raise ValueError(f"build() needs an empty index; it holds {self.n_tokens} tokens (use insert())")
+        try:
+            self._build(keys, values)
+        except Exception:
+            self.table.release()  # leave the index empty and its pool pages free, never half-built
+            self.routing = Routing()
+            raise
+
+    def _build(self, keys: np.ndarray, values: np.ndarray) -> None:
+        n = keys.shape[0]
+        levels = levels_of(0, n, self.config.promote_every, self.config.promote_every_upper)
+        centres = np.flatnonzero(levels > 0)
+        self.max_sq_norm = float(np.max(np.einsum("nd,nd->n", keys, keys)))
+        for token in centres:
+            self.table.add_cluster(keys[token])
+        assign = self._nearest_clusters(keys)
+        assign[centres] = np.arange(len(centres))  # a centre is its own nearest (exact tie-safe)
+        self.table.set_members(assign, keys)
+        self._build_routing(levels[centres])
+        self._pack_clusters(keys, values, assign)
+        self.n_tokens = n
+        log.debug("built index: %d tokens, %d clusters, %d pages", n, self.n_clusters, self.n_pages)
+
+    def _augment(self, keys: np.ndarray) -> np.ndarray:
+        """[n, d] -> [n, d + 1] augmented keys with the current M."""
+        sq = np.einsum("nd,nd->n", keys, keys)
+        extra = np.sqrt(np.maximum(self.max_sq_norm - sq, 0.0)).astype(np.float32)
+        return np.concatenate([keys, extra[:, None]], axis=1)
+
+    def _nearest_clusters(self, keys: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """Cluster with the largest augmented inner product for each key. Returns [n] int64."""
+        centres = self._augment(self.table.cluster_keys[: self.n_clusters])
+        out = np.empty(keys.shape[0], np.int64)
+        for start in range(0, keys.shape[0], chunk):
+            block = self._augment(keys[start : start + chunk])
+            out[start : start + chunk] = np.argmax(block @ centres.T, axis=1)
+        return out
+
+    def _nearest_among(self, key: np.ndarray, clusters: list[int]) -> int:
+        """The cluster among ``clusters`` nearest to ``key`` (augmented inner product)."""
+        cand = self._augment(self.table.cluster_keys[np.asarray(clusters)])
+        return int(clusters[int(np.argmax(cand @ self._augment(key[None])[0]))])
+
+    def _build_routing(self, centre_levels: np.ndarray) -> None:
+        """Bulk routing: each cluster hangs, at its top level, under its nearest node one level up."""
+        top = int(centre_levels.max()) if len(centre_levels) else 0
+        routing = Routing()
+        for level in range(1, top + 1):
+            routing.nodes.append([int(c) for c in np.flatnonzero(centre_levels >= level)])
+            routing.parents.append([])
+        for level in range(1, top + 1):
+            above = routing.nodes[level] if level < top else []
+            for c in routing.nodes[level - 1]:
+                if centre_levels[c] > level:
+                    routing.parents[level - 1].append(c)
+                elif above:
+                    routing.parents[level - 1].append(self._nearest_among(self.table.cluster_keys[c], above))
+                else:
+                    routing.parents[level - 1].append(-1)
+        self.routing = routing
+
+    def _pack_clusters(self, keys: np.ndarray, values: np.ndarray, assign: np.ndarray) -> None:
+        """Cut every cluster's tokens into pages and write them to the pool."""
+        aug = self._augment(keys)
+        order = np.argsort(assign, kind="stable")
+        bounds = np.searchsorted(assign[order], np.arange(self.n_clusters + 1))
+        groups: list[tuple[int, list[np.ndarray]]] = []
+        for c in range(self.n_clusters):
+            members = order[bounds[c] : bounds[c + 1]]
+            groups.append((c, self._cut(aug[members], members)))
+        self.table.write_new_pages(groups, keys, values)
+
+    def _cut(self, aug: np.ndarray, members: np.ndarray) -> list[np.ndarray]:
+        """Split one cluster's members into near-equal pages (token-id arrays)."""
+        if self.config.packing == "pca":
+            perm, bounds = K.pca_pack(np.ascontiguousarray(aug), self.page_size, self._direction, PCA_ITERS)
+        else:
+            perm = np.argsort(aug @ self._direction, kind="stable")
+            n_pages = -(-len(members) // self.page_size)
+            bounds = (np.arange(n_pages + 1) * len(members)) // n_pages
+        return [members[perm[bounds[p] : bounds[p + 1]]] for p in range(len(bounds) - 1)]
+
+    # ------------------------------------------------------------------ insert
+    def insert(self, keys: np.ndarray, values: np.ndarray) -> InsertResult:
+        """Append tokens (e.g. a page leaving the decode window). keys, values: [n, head_dim].
+
+        Continues the promotion schedule; a promoted token opens a new cluster, any other token
+        joins the page of its nearest cluster whose centroid is nearest, splitting it when full.
+        """
+        keys, values = check_keys(keys, values, self.head_dim)
+        if self.n_tokens == 0:
+            self.build(keys, values)
+            pages = np.arange(self.n_pages, dtype=np.int32)
+            return InsertResult(dirty_pages=pages, new_pages=pages)
+        dirty: set[int] = set()
+        first_new = self.n_pages
+        self._radius_cache = None
+        for row in range(keys.shape[0]):
+            dirty.update(self._insert_one(keys[row], values[row]))
+        new = np.arange(first_new, self.n_pages, dtype=np.int32)
+        return InsertResult(dirty_pages=np.asarray(sorted(dirty), np.int32), new_pages=new)
+
+    def _insert_one(self, key: np.ndarray, value: np.ndarray) -> list[int]:
+        """Insert one token; on PoolExhausted nothing of this token is kept (earlier ones are)."""
+        token = self.n_tokens
+        level = level_of(token, self.config.promote_every, self.config.promote_every_upper)
+        self.max_sq_norm = max(self.max_sq_norm, float(key @ key))
+        if level == 0:
+            cluster = int(self._nearest_clusters(key[None])[0])
+            dirty = self._add_to_cluster(cluster, token, key, value)
+        else:
+            cluster = self.table.add_cluster(key)
+            try:
+                dirty = [self.table.new_page(cluster, np.asarray([token]), key[None], value[None])]
+            except Exception:
+                self.table.n_clusters -= 1  # the cluster was the last one added: forget it
+                raise
+            above = self.routing.top_nodes(level + 1)
+            self.routing.add(cluster, level, self._nearest_among(key, above) if above else -1)
+        self.table.add_member(cluster, key)
+        self.n_tokens = token + 1
+        return dirty
+
+    def _add_to_cluster(self, cluster: int, token: int, key: np.ndarray, value: np.ndarray) -> list[int]:
+        """Put one token into the nearest (by centroid) page of its cluster that has room; when
+        every page of the cluster is full, split the nearest one. Preferring pages with room keeps
+        pages nearly full (a half-empty page wastes a device slot at decode time)."""
+        pages = self.table.cluster_page_list(cluster)
+        centroids = np.stack([self.table.page_keys(p).mean(axis=0) for p in pages])
+        closeness = self._augment(centroids) @ self._augment(key[None])[0]
+        has_room = self.table.page_count[pages] < self.page_size
+        if has_room.any():
+            page = int(pages[has_room][int(np.argmax(closeness[has_room]))])
+            self.table.append_row(page, token, key, value)
+            return [page]
+        return self._split(int(pages[int(np.argmax(closeness))]), token, key, value)
+
+    def _split(self, page: int, token: int, key: np.ndarray, value: np.ndarray) -> list[int]:
+        """Bisect a full page plus the new token along its principal direction into two pages."""
+        tokens, keys, values = self.table.page_rows(page)
+        tokens = np.append(tokens, token)
+        keys = np.vstack([keys, key[None]])
+        values = np.vstack([values, value[None]])
+        half = -(-len(tokens) // 2)
+        perm, bounds = K.pca_pack(np.ascontiguousarray(self._augment(keys)), half, self._direction, PCA_ITERS)
+        left, right = perm[bounds[0] : bounds[1]], perm[bounds[1] : bounds[2]]
+        # allocate the new page first: if the pool is exhausted the old page is still intact
+        new = self.table.new_page(int(self.table.page_cluster[page]), tokens[right], keys[right], values[right], after=page)
+        self.table.rewrite_page(page, tokens[left], keys[left], values[left])
+        return [page, new]
+
+    # ------------------------------------------------------------------ query
+    def query(self, queries: np.ndarray, k: int) -> QueryResult:
+        """Top-k pages for the query heads of this KV head.
+
+        queries: [H, head_dim] post-RoPE queries of the group (H >= 1); k: pages wanted (> 0).
+        Returns min(k, n_pages) pages ranked by the configured page score and GQA rule.
+        """
+        qs = check_queries(queries, self.head_dim)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise ValueError(f"k={k!r}: must be a positive integer")
+        if self.n_pages == 0:
+            empty = np.zeros(0, np.int32)
+            return QueryResult(empty, empty, empty, 0)
+        candidates = self._candidate_pages(qs, int(k))
+        scores = K.score_pages(qs, self.table.pool_k, self.table.page_pool, self.table.page_count, candidates)
+        values = per_head_page_values(scores, self.config.page_score, self.scale)
+        chosen = candidates[merge_group(values, int(k), self.config.gqa)].astype(np.int32)
+        return QueryResult(
+            pages=chosen,
+            counts=self.table.page_count[chosen].copy(),
+            pool_pages=self.table.page_pool[chosen].copy(),
+            n_scored=int(self.table.page_count[candidates].sum()),
+        )
+
+    def _candidate_pages(self, qs: np.ndarray, k: int) -> np.ndarray:
+        """Pages of the clusters chosen by the beam (widened until they hold >= k pages)."""
+        if k >= self.n_pages:
+            return np.arange(self.n_pages, dtype=np.int64)
+        snap = self.routing.snapshot()
+        width = self.config.beam.clusters(self.n_clusters)
+        upper = int(math.ceil(width * self.config.beam.upper_factor))
+        nodes, scores = K.route_clusters(
+            qs,
+            self.table.cluster_keys,
+            self._node_radius(snap) * np.float32(self.config.radius_weight),
+            snap.cluster,
+            snap.block_start,
+            snap.child_start,
+            snap.child_end,
+            upper,
+        )
+        clusters = snap.cluster[nodes]
+        union = self._head_union(clusters, scores, width)
+        pages = K.cluster_pages(self.table.cluster_first_page, self.table.page_next, union)
+        if len(pages) < k:  # rare: the beam's clusters hold fewer than k pages
+            order = self._widened_order(union, clusters, scores)
+            need = int(np.searchsorted(np.cumsum(self.table.cluster_n_pages[order]), k)) + 1
+            pages = K.cluster_pages(self.table.cluster_first_page, self.table.page_next, order[:need])
+        return pages
+
+    @staticmethod
+    def _head_union(clusters: np.ndarray, scores: np.ndarray, width: int) -> np.ndarray:
+        """Union of every head's top-``width`` clusters, in rank order. Returns [u] int64."""
+        ranked = np.argsort(-scores, axis=1, kind="stable")[:, :width]
+        flat = clusters[ranked.T.ravel()]
+        _, first = np.unique(flat, return_index=True)
+        return flat[np.sort(first)]
+
+    def _widened_order(self, union: np.ndarray, clusters: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """The union first, then the other scored clusters by best score, then all the rest."""
+        scored = clusters[np.argsort(-scores.max(axis=0), kind="stable")]
+        scored = scored[~np.isin(scored, union)]
+        rest = np.setdiff1d(np.arange(self.n_clusters), np.concatenate([union, scored]))
+        return np.concatenate([union, scored, rest]).astype(np.int64)
+
+    def _node_radius(self, snap) -> np.ndarray:
+        """Subtree radius of every routing node ([R] float32), cached until the next insert."""
+        if self._radius_cache is None or self._radius_cache[0] is not snap:
+            radius = K.subtree_radius(
+                self.table.cluster_keys, self.table.cluster_radius, snap.cluster,
+                snap.block_start, snap.child_start, snap.child_end,
+            )
+            self._radius_cache = (snap, radius)
+        return self._radius_cache[1]
+
+    # ------------------------------------------------------------------ introspection
+    def token_pages(self) -> np.ndarray:
+        """Index page holding each token. Returns [n_tokens] int32 (every token is in exactly one page)."""
+        return self.table.token_pages(self.n_tokens)
+
+    def release(self) -> None:
+        """Return this index's pages to the pool."""
+        self.table.release()
+

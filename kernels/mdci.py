@@ -1,0 +1,237 @@
+"""Numba kernels for the M-DCI index: page packing, beam routing and candidate scoring.
+
+Every kernel here has a slow NumPy twin in :mod:`icecache_ray.kernels.reference` and a parity
+test. Kernels take plain arrays only (no objects), so they compile once and are cached on disk.
+Keys handed to kernels are float32 (numba has no float16 on CPU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+NEG_INF = np.float32(-np.inf)
+
+
+@njit(cache=True)
+def _principal_direction(x: np.ndarray, idx: np.ndarray, start: int, end: int, init: np.ndarray, n_iter: int) -> tuple:
+    """Mean and (power-iteration) principal direction of rows ``x[idx[start:end]]``.
+
+    x: [n, D] float32; init: [D] float32 start vector. Returns (mean [D], direction [D]).
+    """
+    dim = x.shape[1]
+    m = end - start
+    mean = np.zeros(dim, np.float32)
+    for i in range(start, end):
+        row = x[idx[i]]
+        for j in range(dim):
+            mean[j] += row[j]
+    for j in range(dim):
+        mean[j] /= m
+    v = init.copy()
+    for _ in range(n_iter):
+        acc = np.zeros(dim, np.float32)
+        for i in range(start, end):
+            row = x[idx[i]]
+            t = np.float32(0.0)
+            for j in range(dim):
+                t += (row[j] - mean[j]) * v[j]
+            for j in range(dim):
+                acc[j] += t * (row[j] - mean[j])
+        norm = np.float32(0.0)
+        for j in range(dim):
+            norm += acc[j] * acc[j]
+        if norm <= 1e-30:
+            break  # all rows identical: keep the previous direction
+        norm = np.sqrt(norm)
+        for j in range(dim):
+            v[j] = acc[j] / norm
+    return mean, v
+
+
+@njit(cache=True)
+def pca_pack(x: np.ndarray, page_size: int, init: np.ndarray, n_iter: int) -> tuple:
+    """Cut the rows of ``x`` into ceil(n / page_size) pages by recursive principal-direction bisection.
+
+    x: [n, D] float32 (augmented keys of one cluster); init: [D] float32.
+    Returns (order [n] int64 row permutation, bounds [n_pages + 1] int64): page p holds rows
+    ``order[bounds[p]:bounds[p+1]]``. Page sizes are near-equal and never exceed ``page_size``.
+    """
+    n = x.shape[0]
+    n_pages = (n + page_size - 1) // page_size
+    order = np.arange(n)
+    bounds = np.zeros(n_pages + 1, np.int64)
+    # explicit stack of segments (start, end, pages, first_page) instead of recursion
+    stack = np.zeros((2 * n_pages + 2, 4), np.int64)
+    stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = 0, n, n_pages, 0
+    top = 1
+    while top > 0:
+        top -= 1
+        start, end, pages, first = stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3]
+        if pages == 1:
+            bounds[first] = start
+            bounds[first + 1] = end
+            continue
+        m = end - start
+        left_pages = pages // 2
+        n_left = (m * left_pages) // pages
+        mean, v = _principal_direction(x, order, start, end, init, n_iter)
+        proj = np.empty(m, np.float32)
+        for i in range(m):
+            row = x[order[start + i]]
+            t = np.float32(0.0)
+            for j in range(x.shape[1]):
+                t += (row[j] - mean[j]) * v[j]
+            proj[i] = t
+        perm = np.argsort(proj, kind="mergesort")
+        seg = order[start:end].copy()
+        for i in range(m):
+            order[start + i] = seg[perm[i]]
+        stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = start, start + n_left, left_pages, first
+        top += 1
+        stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = start + n_left, end, pages - left_pages, first + left_pages
+        top += 1
+    return order, bounds
+
+
+@njit(cache=True)
+def route_clusters(
+    qs: np.ndarray,
+    cluster_keys: np.ndarray,
+    node_slack: np.ndarray,
+    r_cluster: np.ndarray,
+    r_block_start: np.ndarray,
+    r_child_start: np.ndarray,
+    r_child_end: np.ndarray,
+    beam_upper: int,
+) -> tuple:
+    """Beam search from the top level down to level 1 (the clusters).
+
+    qs: [H, d] float32 query heads of one KV head; cluster_keys: [C, d] float32 routing keys of
+    the level-1 nodes (their members' mean); node_slack: [R] float32 added as ``|q| * slack`` to a
+    node's score (radius_weight * subtree radius), so wide subtrees are not pruned early; r_cluster: [R] cluster id of each routing node, level blocks top-first;
+    r_block_start: [L + 1] start of each level block in r_* (block L-1 = level 1);
+    r_child_start/r_child_end: [R] range of a node's children (flat positions, next block down).
+    At every level above 1, each head keeps its ``beam_upper`` best nodes and the union is expanded.
+    Returns (level1_nodes [m] int64 flat positions, scores [H, m] float32 routing scores).
+    """
+    n_heads, dim = qs.shape
+    qnorm = np.empty(n_heads, np.float32)
+    for h in range(n_heads):
+        acc = np.float32(0.0)
+        for j in range(dim):
+            acc += qs[h, j] * qs[h, j]
+        qnorm[h] = np.sqrt(acc)
+    n_blocks = r_block_start.shape[0] - 1
+    current = np.arange(r_block_start[0], r_block_start[1])
+    for b in range(n_blocks):
+        m = current.shape[0]
+        scores = np.empty((n_heads, m), np.float32)
+        for i in range(m):
+            key = cluster_keys[r_cluster[current[i]]]
+            for h in range(n_heads):
+                t = np.float32(0.0)
+                for j in range(dim):
+                    t += qs[h, j] * key[j]
+                scores[h, i] = t + qnorm[h] * node_slack[current[i]]
+        if b == n_blocks - 1:
+            return current, scores
+        keep = np.zeros(m, np.bool_)
+        width = min(beam_upper, m)
+        for h in range(n_heads):
+            best = np.argsort(-scores[h])[:width]
+            for i in best:
+                keep[i] = True
+        total = 0
+        for i in range(m):
+            if keep[i]:
+                total += r_child_end[current[i]] - r_child_start[current[i]]
+        nxt = np.empty(total, np.int64)
+        pos = 0
+        for i in range(m):
+            if keep[i]:
+                node = current[i]
+                for c in range(r_child_start[node], r_child_end[node]):
+                    nxt[pos] = c
+                    pos += 1
+        current = nxt
+    return current, np.empty((n_heads, 0), np.float32)
+
+
+@njit(cache=True)
+def score_pages(
+    qs: np.ndarray, pool_k: np.ndarray, page_pool: np.ndarray, page_count: np.ndarray, pages: np.ndarray
+) -> np.ndarray:
+    """Exact q.k of every token in the given pages.
+
+    qs: [H, d] float32; pool_k: [capacity, P, d] float32 K rows of the pool; page_pool: [n_pages]
+    pool page of each index page; page_count: [n_pages] valid rows; pages: [m] index pages.
+    Returns [H, m, P] float32 with -inf in empty slots.
+    """
+    n_heads, dim = qs.shape
+    psize = pool_k.shape[1]
+    out = np.full((n_heads, pages.shape[0], psize), NEG_INF, np.float32)
+    for i in range(pages.shape[0]):
+        rows = pool_k[page_pool[pages[i]]]
+        for s in range(page_count[pages[i]]):
+            for h in range(n_heads):
+                t = np.float32(0.0)
+                for j in range(dim):
+                    t += qs[h, j] * rows[s, j]
+                out[h, i, s] = t
+    return out
+
+
+@njit(cache=True)
+def cluster_pages(cluster_first_page: np.ndarray, page_next: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """All pages of the given clusters, following each cluster's page list. Returns [m] int64."""
+    total = 0
+    for c in clusters:
+        p = cluster_first_page[c]
+        while p >= 0:
+            total += 1
+            p = page_next[p]
+    out = np.empty(total, np.int64)
+    pos = 0
+    for c in clusters:
+        p = cluster_first_page[c]
+        while p >= 0:
+            out[pos] = p
+            pos += 1
+            p = page_next[p]
+    return out
+
+
+@njit(cache=True)
+def subtree_radius(
+    cluster_keys: np.ndarray,
+    cluster_radius: np.ndarray,
+    r_cluster: np.ndarray,
+    r_block_start: np.ndarray,
+    r_child_start: np.ndarray,
+    r_child_end: np.ndarray,
+) -> np.ndarray:
+    """Radius of every routing node's subtree around its key, bottom-up.
+
+    A level-1 node's radius is its cluster's; an upper node's is the max over its children of
+    (|child key - node key| + child radius), and at least its own cluster's. Returns [R] float32.
+    """
+    n = r_cluster.shape[0]
+    dim = cluster_keys.shape[1]
+    radius = np.empty(n, np.float32)
+    for i in range(n):
+        radius[i] = cluster_radius[r_cluster[i]]
+    n_blocks = r_block_start.shape[0] - 1
+    for b in range(n_blocks - 2, -1, -1):
+        for node in range(r_block_start[b], r_block_start[b + 1]):
+            key = cluster_keys[r_cluster[node]]
+            for c in range(r_child_start[node], r_child_end[node]):
+                child = cluster_keys[r_cluster[c]]
+                acc = np.float32(0.0)
+                for j in range(dim):
+                    diff = child[j] - key[j]
+                    acc += diff * diff
+                reach = np.sqrt(acc) + radius[c]
+                if reach > radius[node]:
+                    radius[node] = reach
+    return radius

@@ -1,0 +1,75 @@
+"""Configuration validation: ValueError naming the field and the value, before any work."""
+
+import pytest
+
+from icecache_ray.config import BeamRule, IceCacheConfig, IndexConfig, PoolConfig
+
+
+def test_defaults_match_the_paper_layout():
+    cfg = IceCacheConfig()
+    assert (cfg.page_size, cfg.budget, cfg.sink_tokens, cfg.window_tokens, cfg.n_full_layers) == (16, 256, 32, 32, 2)
+    assert cfg.retrieved_pages == 12
+
+
+@pytest.mark.parametrize("budget,sink,window,pages", [(128, 16, 32, 5), (64, 16, 16, 2)])
+def test_smaller_budgets_pick_sensible_sink_and_window(budget, sink, window, pages):
+    cfg = IceCacheConfig(budget=budget)
+    assert (cfg.sink_tokens, cfg.window_tokens, cfg.retrieved_pages) == (sink, window, pages)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(page_size=0), r"IceCacheConfig.page_size=0"),
+        (dict(budget=-16), r"IceCacheConfig.budget=-16"),
+        (dict(budget=250), r"budget=250: must be a multiple of page_size=16"),
+        (dict(sink_tokens=10), r"sink_tokens=10: must be a multiple"),
+        (dict(window_tokens=0), r"window_tokens=0"),
+        (dict(budget=64, sink_tokens=32, window_tokens=32), r"budget=64: leaves no room for one retrieved page"),
+        (dict(policy="magic"), r"policy='magic'"),
+        (dict(n_full_layers=-1), r"n_full_layers=-1"),
+    ],
+)
+def test_bad_top_level_values_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        IceCacheConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "factory,match",
+    [
+        (lambda: IndexConfig(promote_every=1), r"promote_every=1"),
+        (lambda: IndexConfig(packing="zorder"), r"packing='zorder'"),
+        (lambda: IndexConfig(gqa="union"), r"gqa='union'"),
+        (lambda: IndexConfig(page_score="mean"), r"page_score='mean'"),
+        (lambda: IndexConfig(radius_weight=2.0), r"radius_weight=2.0"),
+        (lambda: BeamRule(kind="cubic"), r"kind='cubic'"),
+        (lambda: BeamRule(width=0), r"width=0"),
+        (lambda: BeamRule(upper_factor=0.5), r"upper_factor=0.5"),
+        (lambda: PoolConfig(dtype="int8"), r"dtype='int8'"),
+        (lambda: PoolConfig(capacity_pages=0), r"capacity_pages=0"),
+    ],
+)
+def test_bad_nested_values_name_the_field(factory, match):
+    with pytest.raises(ValueError, match=match):
+        factory()
+
+
+def test_configs_are_frozen():
+    cfg = IceCacheConfig()
+    with pytest.raises(Exception):
+        cfg.budget = 128  # type: ignore[misc]
+
+
+def test_with_rederives_sink_and_window():
+    cfg = IceCacheConfig().with_(budget=64)
+    assert (cfg.sink_tokens, cfg.window_tokens) == (16, 16)
+    assert IceCacheConfig().with_(budget=128, sink_tokens=32).sink_tokens == 32
+
+
+def test_beam_rules():
+    assert BeamRule(kind="fixed", width=16).clusters(10) == 10
+    assert BeamRule(kind="fixed", width=16).clusters(10_000) == 16
+    assert BeamRule(kind="log", width=2).clusters(1024) == 20
+    assert BeamRule(kind="linear", width=1).clusters(10_000) == 100
+    assert BeamRule().clusters(0) == 0

@@ -1,0 +1,191 @@
+"""M-DCI index: page invariants, insertion/split, query contract, determinism, bad input."""
+
+import numpy as np
+import pytest
+
+from icecache_ray.config import BeamRule, IndexConfig
+from icecache_ray.index.levels import level_of, levels_of
+from icecache_ray.index.mdci import MDCIIndex
+from icecache_ray.pool import PagePool, PoolExhausted, PoolLayout
+
+D = 16
+
+
+@pytest.fixture
+def pool():
+    with PagePool.create(PoolLayout(capacity_pages=4096, page_size=16, head_dim=D, dtype="float32")) as p:
+        yield p
+
+
+def _data(n, seed=0, n_topics=12):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_topics, D)).astype(np.float32) * 3
+    keys = centres[rng.integers(0, n_topics, n)] + rng.standard_normal((n, D)).astype(np.float32)
+    values = rng.standard_normal((n, D)).astype(np.float32)
+    return keys.astype(np.float32), values
+
+
+def _check_pages(index, keys, values):
+    """Every token in exactly one page; page rows in the pool equal the token's K and V."""
+    tokens = index.table.page_tokens[: index.n_pages]
+    counts = index.table.page_count[: index.n_pages]
+    valid = tokens >= 0
+    assert (valid.sum(axis=1) == counts).all()
+    assert (counts >= 1).all() and (counts <= index.page_size).all()
+    for p in range(index.n_pages):  # rows are packed from slot 0
+        assert valid[p, : counts[p]].all() and not valid[p, counts[p] :].any()
+    ids = tokens[valid]
+    assert sorted(ids.tolist()) == list(range(index.n_tokens))
+    page_of = index.token_pages()
+    rows = index.table.pool.pages[index.table.page_pool[page_of]]
+    slot = np.array([np.flatnonzero(tokens[page_of[t]] == t)[0] for t in range(index.n_tokens)])
+    np.testing.assert_array_equal(rows[np.arange(index.n_tokens), 0, slot], keys[: index.n_tokens])
+    np.testing.assert_array_equal(rows[np.arange(index.n_tokens), 1, slot], values[: index.n_tokens])
+
+
+def test_levels_schedule_is_deterministic_and_continues():
+    levels = levels_of(0, 10000, 100, 5)
+    assert levels[0] == 1 and levels[1] == 0 and levels[500] == 2 and levels[2500] == 3
+    assert (levels > 0).sum() == 100 and (levels >= 2).sum() == 19
+    np.testing.assert_array_equal(levels_of(4321, 777, 100, 5), levels[4321 : 4321 + 777])
+    assert level_of(500, 100, 5) == 2
+
+
+@pytest.mark.parametrize("packing", ["pca", "projection"])
+def test_build_every_token_in_exactly_one_page(pool, packing):
+    keys, values = _data(3000)
+    index = MDCIIndex(pool, IndexConfig(packing=packing), D)
+    index.build(keys, values)
+    _check_pages(index, keys, values)
+    assert index.n_clusters == 30
+    # pages of a bulk build are near-full: a cluster of n tokens uses ceil(n / 16) pages
+    assert index.table.page_count[: index.n_pages].mean() > 12
+
+
+def test_insert_and_split_keep_every_token_and_report_dirty_pages(pool):
+    keys, values = _data(2600, seed=1)
+    index = MDCIIndex(pool, IndexConfig(), D)
+    index.build(keys[:2000], values[:2000])
+    for start in range(2000, 2600, 16):
+        before_tokens = index.table.page_tokens[: index.n_pages].copy()
+        before_pages = index.n_pages
+        result = index.insert(keys[start : start + 16], values[start : start + 16])
+        after = index.table.page_tokens[: before_pages]
+        changed = np.flatnonzero((after != before_tokens).any(axis=1))
+        # the dirty list is exactly the pages whose contents changed, plus the new ones
+        new = np.arange(before_pages, index.n_pages)
+        np.testing.assert_array_equal(np.sort(result.dirty_pages), np.union1d(changed, new))
+        np.testing.assert_array_equal(result.new_pages, new)
+    _check_pages(index, keys, values)
+    assert index.n_tokens == 2600 and index.n_clusters == 26  # promotion continued (token 2000..2500)
+
+
+def test_insert_into_empty_index_builds(pool):
+    keys, values = _data(40)
+    index = MDCIIndex(pool, IndexConfig(), D)
+    result = index.insert(keys, values)
+    assert index.n_tokens == 40 and len(result.new_pages) == index.n_pages
+    _check_pages(index, keys, values)
+
+
+def test_query_k_at_least_pages_returns_all(pool):
+    keys, values = _data(500)
+    index = MDCIIndex(pool, IndexConfig(), D)
+    index.build(keys, values)
+    q = np.random.default_rng(5).standard_normal((3, D)).astype(np.float32)
+    for k in (index.n_pages, index.n_pages + 7):
+        result = index.query(q, k)
+        assert sorted(result.pages.tolist()) == list(range(index.n_pages))
+    result = index.query(q, 4)
+    assert len(result.pages) == 4 and len(set(result.pages.tolist())) == 4
+    np.testing.assert_array_equal(result.counts, index.table.page_count[result.pages])
+    np.testing.assert_array_equal(result.pool_pages, index.table.page_pool[result.pages])
+
+
+def test_query_finds_the_best_page_and_widens_when_beam_is_small(pool):
+    keys, values = _data(4000, seed=2)
+    index = MDCIIndex(pool, IndexConfig(beam=BeamRule(width=1, min_width=1, upper_factor=1.0)), D)
+    index.build(keys, values)
+    rng = np.random.default_rng(3)
+    found = 0
+    for _ in range(20):
+        q = keys[rng.integers(0, 4000)] * 2
+        result = index.query(q[None], 30)  # 30 pages > one cluster's pages: the beam must widen
+        assert len(result.pages) == 30
+        best = int(np.argmax(keys @ q))
+        found += best in index.table.page_tokens[result.pages]
+    assert found >= 16
+
+
+def test_query_is_deterministic_given_seed(pool):
+    keys, values = _data(2000, seed=4)
+    q = np.random.default_rng(0).standard_normal((3, D)).astype(np.float32)
+    results = []
+    for _ in range(2):
+        index = MDCIIndex(pool, IndexConfig(seed=7), D)
+        index.build(keys, values)
+        results.append(index.query(q, 8).pages)
+        index.release()
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("gqa", ["interleave", "max", "sum"])
+@pytest.mark.parametrize("page_score", ["max", "mass"])
+def test_gqa_rules_return_distinct_pages(pool, gqa, page_score):
+    keys, values = _data(1500, seed=6)
+    index = MDCIIndex(pool, IndexConfig(gqa=gqa, page_score=page_score), D)
+    index.build(keys, values)
+    q = np.random.default_rng(1).standard_normal((3, D)).astype(np.float32)
+    result = index.query(q, 10)
+    assert len(set(result.pages.tolist())) == 10
+
+
+def test_bad_inputs_raise_clear_errors(pool):
+    index = MDCIIndex(pool, IndexConfig(), D)
+    keys, values = _data(100)
+    bad = keys.copy()
+    bad[5, 3] = np.nan
+    with pytest.raises(ValueError, match="row 5 holds NaN or inf"):
+        index.build(bad, values)
+    bad[5, 3] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        index.insert(bad, values)
+    with pytest.raises(ValueError, match=r"expected shape \[n, 16\]"):
+        index.build(keys[:, :8], values[:, :8])
+    with pytest.raises(TypeError, match="floating dtype"):
+        index.build(keys.astype(np.int32), values)
+    with pytest.raises(ValueError, match="0 tokens"):
+        index.build(keys[:0], values[:0])
+    index.build(keys, values)
+    with pytest.raises(ValueError, match="needs an empty index"):
+        index.build(keys, values)
+    for k in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="k="):
+            index.query(keys[:1], k)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        index.query(np.full((1, D), np.nan, np.float32), 3)
+    assert index.n_tokens == 100  # failed calls changed nothing
+
+
+def test_pool_exhausted_is_clear_and_loses_nothing():
+    with PagePool.create(PoolLayout(capacity_pages=10, page_size=16, head_dim=D, dtype="float32")) as small:
+        index = MDCIIndex(small, IndexConfig(), D)
+        keys, values = _data(1000)
+        with pytest.raises(PoolExhausted):
+            index.build(keys, values)
+
+
+def test_metadata_is_at_most_16_bytes_per_token(pool):
+    keys, values = _data(3000)
+    index = MDCIIndex(pool, IndexConfig(), D)
+    index.build(keys, values)
+    assert index.metadata_bytes() / index.n_tokens <= 16
+
+
+def test_release_returns_pool_pages(pool):
+    free = pool.num_free
+    index = MDCIIndex(pool, IndexConfig(), D)
+    index.build(*_data(700))
+    assert pool.num_free < free
+    index.release()
+    assert pool.num_free == free
