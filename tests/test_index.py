@@ -102,19 +102,26 @@ def test_query_k_at_least_pages_returns_all(pool):
     np.testing.assert_array_equal(result.pool_pages, index.table.page_pool[result.pages])
 
 
-def test_query_finds_the_best_page_and_widens_when_beam_is_small(pool):
+def test_query_widens_when_the_beam_holds_too_few_pages(pool):
     keys, values = _data(4000, seed=2)
     index = MDCIIndex(pool, IndexConfig(beam=BeamRule(width=1, min_width=1, upper_factor=1.0)), D)
+    index.build(keys, values)
+    q = keys[7] * 2
+    result = index.query(q[None], 60)  # 60 pages > one cluster's pages: the beam must widen
+    assert len(result.pages) == 60 and len(set(result.pages.tolist())) == 60
+
+
+def test_query_finds_the_page_of_the_best_token(pool):
+    keys, values = _data(4000, seed=2)
+    index = MDCIIndex(pool, IndexConfig(), D)
     index.build(keys, values)
     rng = np.random.default_rng(3)
     found = 0
     for _ in range(20):
         q = keys[rng.integers(0, 4000)] * 2
-        result = index.query(q[None], 30)  # 30 pages > one cluster's pages: the beam must widen
-        assert len(result.pages) == 30
-        best = int(np.argmax(keys @ q))
-        found += best in index.table.page_tokens[result.pages]
-    assert found >= 16
+        result = index.query(q[None], 8)
+        found += int(np.argmax(keys @ q)) in index.table.page_tokens[result.pages]
+    assert found >= 18
 
 
 def test_query_is_deterministic_given_seed(pool):

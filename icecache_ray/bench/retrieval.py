@@ -20,7 +20,7 @@ import numpy as np
 
 from icecache_ray.bench.harness import HeadResult, replay_head
 from icecache_ray.bench.workloads import RealWorkload, SyntheticWorkload, capture_real, make_synthetic
-from icecache_ray.config import IceCacheConfig, IndexConfig
+from icecache_ray.config import BeamRule, IceCacheConfig, IndexConfig
 from icecache_ray.metrics import percentile_ms, softmax_rows, topk_hit_rate
 from icecache_ray.policies import make_policy
 from icecache_ray.pool import PagePool, PoolLayout
@@ -102,6 +102,32 @@ def real_build_vs_prefill(work: RealWorkload, index: IndexConfig, layer: int) ->
             store.release()
     prefill_s = work.layer_prefill_s[layer]
     return {"layer": layer, "build_s": build_s, "layer_prefill_s": prefill_s, "ratio": build_s / prefill_s}
+
+
+# Index variants measured against the default (GQA rule, page score, packing, routing, beam).
+ABLATIONS: dict[str, dict] = {
+    "gqa=interleave,page_score=max (paper)": dict(gqa="interleave", page_score="max"),
+    "gqa=max,page_score=max": dict(gqa="max", page_score="max"),
+    "gqa=sum,page_score=max": dict(gqa="sum", page_score="max"),
+    "gqa=interleave,page_score=mass": dict(gqa="interleave"),
+    "gqa=max,page_score=mass": dict(gqa="max"),
+    "packing=projection": dict(packing="projection"),
+    "paper-like (projection, interleave, max, no radius)": dict(packing="projection", gqa="interleave", page_score="max", radius_weight=0.0),
+    "radius_weight=0": dict(radius_weight=0.0),
+    "beam width 4": dict(beam=BeamRule(width=4)),
+    "beam width 8": dict(beam=BeamRule(width=8)),
+    "beam width 32": dict(beam=BeamRule(width=32)),
+    "beam log2 x2": dict(beam=BeamRule(kind="log", width=2)),
+}
+
+
+def run_ablation(work: RealWorkload, budget: int) -> list[dict]:
+    rows = []
+    for name, changes in ABLATIONS.items():
+        for row in run_real(work, [budget], ["icecache"], IndexConfig(**changes)):
+            row["policy"] = f"icecache[{name}]"
+            rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------- synthetic
@@ -190,6 +216,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budgets", default="64,128,256")
     p.add_argument("--policies", default=",".join(REAL_POLICIES))
     p.add_argument("--sizes", default=None, help="synthetic N list (default 65536,262144,1048576)")
+    p.add_argument("--ablation", action="store_true", help="also run index variants on the real workload at budget 256")
     p.add_argument("--skip-real", action="store_true")
     p.add_argument("--skip-synthetic", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -230,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         work = capture_real(length, layers, 64, args.model, args.seed)
         rows += run_real(work, budgets, policies, index)
         build = real_build_vs_prefill(work, index, layers[0])
+        if args.ablation:
+            rows += run_ablation(work, 256)
         del work
     brute: dict = {}
     if not args.skip_synthetic:
