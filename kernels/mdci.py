@@ -139,9 +139,11 @@ def route_clusters(
         keep = np.zeros(m, np.bool_)
         width = min(beam_upper, m)
         for h in range(n_heads):
-            best = np.argsort(-scores[h])[:width]
-            for i in best:
-                keep[i] = True
+            # O(m) selection of the best ``width`` (ties at the threshold may add a few more)
+            threshold = -np.partition(-scores[h], width - 1)[width - 1]
+            for i in range(m):
+                if scores[h, i] >= threshold:
+                    keep[i] = True
         total = 0
         for i in range(m):
             if keep[i]:

@@ -71,6 +71,7 @@ class MDCIIndex:
         self.n_tokens = 0
         self.max_sq_norm = 0.0
         self._radius_cache: tuple | None = None
+        self._insert_centres: tuple | None = None
         rng = np.random.default_rng(config.seed)
         direction = rng.standard_normal(head_dim + 1).astype(np.float32)
         self._direction = direction / np.linalg.norm(direction)
@@ -112,6 +113,7 @@ class MDCIIndex:
         assign[centres] = np.arange(len(centres))  # a centre is its own nearest (exact tie-safe)
         self.table.set_members(assign, keys)
         self._build_routing(levels[centres])
+        assign = self._renumber_in_routing_order(assign)
         self._pack_clusters(keys, values, assign)
         self.n_tokens = n
         log.debug("built index: %d tokens, %d clusters, %d pages", n, self.n_clusters, self.n_pages)
@@ -154,6 +156,22 @@ class MDCIIndex:
                     routing.parents[level - 1].append(-1)
         self.routing = routing
 
+    def _renumber_in_routing_order(self, assign: np.ndarray) -> np.ndarray:
+        """Renumber clusters so that siblings (children of one routing node) have consecutive ids:
+        a query then reads the keys of the clusters it scores as contiguous runs of memory, which
+        matters once the index no longer fits in cache (1M tokens). Returns the renumbered assign."""
+        if self.routing.n_levels < 2:
+            return assign
+        snap = self.routing.snapshot()
+        order = snap.cluster[snap.block_start[-2] : snap.block_start[-1]]  # level-1 block, sibling-grouped
+        new_id = np.empty(len(order), np.int64)
+        new_id[order] = np.arange(len(order))
+        self.table.permute_clusters(order)
+        self.routing.nodes = [[int(new_id[c]) for c in level] for level in self.routing.nodes]
+        self.routing.parents = [[int(new_id[p]) if p >= 0 else -1 for p in level] for level in self.routing.parents]
+        self.routing._snapshot = None
+        return new_id[assign]
+
     def _pack_clusters(self, keys: np.ndarray, values: np.ndarray, assign: np.ndarray) -> None:
         """Cut every cluster's tokens into pages and write them to the pool."""
         aug = self._augment(keys)
@@ -190,10 +208,21 @@ class MDCIIndex:
         dirty: set[int] = set()
         first_new = self.n_pages
         self._radius_cache = None
+        self._insert_centres = None  # augmented cluster keys, shared by the rows of this batch
         for row in range(keys.shape[0]):
             dirty.update(self._insert_one(keys[row], values[row]))
+        self._insert_centres = None
         new = np.arange(first_new, self.n_pages, dtype=np.int32)
         return InsertResult(dirty_pages=np.asarray(sorted(dirty), np.int32), new_pages=new)
+
+    def _nearest_cluster_for_insert(self, key: np.ndarray) -> int:
+        """Nearest cluster of one new key; the augmented centres are computed once per batch (and
+        again only after a new cluster or a larger M), which keeps insertion cheap at 1M tokens."""
+        cached = self._insert_centres
+        if cached is None or cached[0] != self.n_clusters or cached[1] != self.max_sq_norm:
+            centres = self._augment(self.table.cluster_keys[: self.n_clusters])
+            self._insert_centres = cached = (self.n_clusters, self.max_sq_norm, centres)
+        return int(np.argmax(cached[2] @ self._augment(key[None])[0]))
 
     def _insert_one(self, key: np.ndarray, value: np.ndarray) -> list[int]:
         """Insert one token; on PoolExhausted nothing of this token is kept (earlier ones are)."""
@@ -201,7 +230,7 @@ class MDCIIndex:
         level = level_of(token, self.config.promote_every, self.config.promote_every_upper)
         self.max_sq_norm = max(self.max_sq_norm, float(key @ key))
         if level == 0:
-            cluster = int(self._nearest_clusters(key[None])[0])
+            cluster = self._nearest_cluster_for_insert(key)
             dirty = self._add_to_cluster(cluster, token, key, value)
         else:
             cluster = self.table.add_cluster(key)
@@ -297,7 +326,11 @@ class MDCIIndex:
     @staticmethod
     def _head_union(clusters: np.ndarray, scores: np.ndarray, width: int) -> np.ndarray:
         """Union of every head's top-``width`` clusters, in rank order. Returns [u] int64."""
-        ranked = np.argsort(-scores, axis=1, kind="stable")[:, :width]
+        if width < scores.shape[1]:  # O(m) pre-selection, then rank only the survivors
+            top = np.argpartition(-scores, width - 1, axis=1)[:, :width]
+            ranked = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable"), axis=1)
+        else:
+            ranked = np.argsort(-scores, axis=1, kind="stable")
         flat = clusters[ranked.T.ravel()]
         _, first = np.unique(flat, return_index=True)
         return flat[np.sort(first)]

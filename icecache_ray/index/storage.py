@@ -113,6 +113,15 @@ class PageTable:
         dist = float(np.linalg.norm(key - self.cluster_keys[cluster]))
         self.cluster_radius[cluster] = max(float(self.cluster_radius[cluster]), dist)
 
+    def permute_clusters(self, order: np.ndarray) -> None:
+        """Renumber clusters: new cluster i is old cluster ``order[i]`` (only before any page exists)."""
+        if self.n_pages:
+            raise RuntimeError("permute_clusters() must run before pages are created")
+        n = self.n_clusters
+        for name in ("cluster_keys", "cluster_size", "cluster_radius"):
+            arr = getattr(self, name)
+            arr[:n] = arr[:n][order]
+
     def cluster_page_list(self, cluster: int) -> np.ndarray:
         out = []
         p = int(self.cluster_first_page[cluster])
