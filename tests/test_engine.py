@@ -127,3 +127,24 @@ def test_close_leaves_no_shared_memory():
     cache.close()
     cache.close()
     assert set(list_leaked_segments()) <= before
+
+
+@pytest.mark.realmodel
+def test_eval_harness_output_contract(tmp_path):
+    """``python -m icecache_ray.eval passkey`` on SmolLM2: rows and summary as documented."""
+    import json
+
+    from icecache_ray.eval.__main__ import main
+
+    out = tmp_path / "pk.json"
+    assert main(["passkey", "--policy", "icecache,full", "--budget", "128", "--lengths", "600",
+                 "--depths", "0.5", "--seed", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {r["policy"] for r in data["rows"]} == {"icecache", "full"}
+    for row in data["rows"]:
+        assert {"task", "policy", "budget", "length", "seed", "score", "depth"} <= set(row)
+        assert row["task"] == "passkey" and 0.0 <= row["score"] <= 1.0 and row["length"] <= 600
+    full = [r for r in data["rows"] if r["policy"] == "full"][0]
+    assert full["score"] == 1.0  # the model finds the key with the dense cache at 600 tokens
+    assert {(s["task"], s["policy"]) for s in data["summary"]} == {("passkey", "icecache"), ("passkey", "full")}
+    assert (tmp_path / "pk.md").read_text().startswith("| task |")

@@ -1,0 +1,111 @@
+"""Accuracy harness: ``python -m icecache_ray.eval {passkey,longgen} --policy P1,P2 --budget B1,B2
+--lengths L1,L2 [--depths D1,D2] --seed S --json OUT [--model PATH]``.
+
+Writes ``rows`` (one per trial) and ``summary`` (mean score per task, policy, budget, length) to
+the JSON file and a Markdown table next to it (``OUT`` with ``.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from icecache_ray.config import POLICIES, IceCacheConfig
+
+log = logging.getLogger("icecache_ray.eval")
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m icecache_ray.eval", description=__doc__.splitlines()[0])
+    p.add_argument("task", choices=["passkey", "longgen"])
+    p.add_argument("--policy", default="icecache,streaming,full")
+    p.add_argument("--budget", default="256")
+    p.add_argument("--lengths", default="1024,2048,4096")
+    p.add_argument("--depths", default="0.0,0.25,0.5,0.75,1.0")
+    p.add_argument("--new-tokens", type=int, default=512, help="longgen: tokens to generate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", required=True)
+    p.add_argument("--model", default=None, help="model folder (default: bundled SmolLM2)")
+    return p.parse_args(argv)
+
+
+def _list(text: str, cast, name: str):
+    try:
+        values = [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--{name}={text!r}: could not parse") from None
+    if not values:
+        raise SystemExit(f"--{name}: empty")
+    return values
+
+
+def configs(policies: list[str], budgets: list[int]) -> list[tuple[str, int | None, IceCacheConfig]]:
+    """(policy, budget, config) for every combination; ``full`` runs once (budget None)."""
+    out = []
+    for policy in policies:
+        if policy not in POLICIES:
+            raise SystemExit(f"--policy {policy!r}: choose from {list(POLICIES)}")
+        for budget in ([None] if policy == "full" else budgets):
+            try:
+                cfg = IceCacheConfig(policy=policy, budget=budget or 256)
+            except ValueError as exc:
+                raise SystemExit(f"--budget {budget}: {exc}") from None
+            out.append((policy, budget, cfg))
+    return out
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["policy"], r["budget"], r["length"])].append(r["score"])
+    return [
+        {"task": t, "policy": p, "budget": b, "length": l, "score": sum(v) / len(v), "n": len(v)}
+        for (t, p, b, l), v in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0, kv[0][3]))
+    ]
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = ["| task | policy | budget | length | score | n |", "|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['task']} | {s['policy']} | {s['budget'] or '-'} | {s['length']} | {s['score']:.3f} | {s['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = _parse(argv)
+    out = Path(args.json)
+    if not out.parent.exists():
+        raise SystemExit(f"--json {args.json}: folder {out.parent} does not exist")
+    runs = configs(_list(args.policy, str, "policy"), _list(args.budget, int, "budget"))
+    lengths = _list(args.lengths, int, "lengths")
+    from icecache_ray.model import load_model
+
+    model, tokenizer = load_model(args.model)
+    limit = model.config.max_position_embeddings
+    if max(lengths) > limit:
+        raise SystemExit(f"--lengths: {max(lengths)} exceeds the model's {limit}-token context")
+    t0 = time.perf_counter()
+    if args.task == "passkey":
+        from icecache_ray.eval.tasks import run_passkey
+
+        rows = run_passkey(model, tokenizer, runs, lengths, _list(args.depths, float, "depths"), args.seed)
+    else:
+        from icecache_ray.eval.tasks import run_longgen
+
+        rows = run_longgen(model, tokenizer, runs, lengths, args.new_tokens, args.seed)
+    summary = summarize(rows)
+    result = {"task": args.task, "rows": rows, "summary": summary, "wall_s": time.perf_counter() - t0, "argv": sys.argv[1:]}
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(summary))
+    print(markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

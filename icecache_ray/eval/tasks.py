@@ -1,0 +1,81 @@
+"""Task runners of the accuracy harness (each returns one row per trial)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+from transformers import DynamicCache
+
+from icecache_ray.engine.cache import IceCache
+from icecache_ray.engine.generate import generate
+from icecache_ray.eval import passkey
+
+log = logging.getLogger(__name__)
+
+
+def run_passkey(model, tokenizer, runs, lengths, depths, seed) -> list[dict]:
+    rows = []
+    for length in lengths:
+        keys = passkey.keys_for(seed * 7919 + length, len(depths))
+        for depth, key in zip(depths, keys):
+            ids = passkey.build_prompt(tokenizer, length, depth, key)
+            for policy, budget, cfg in runs:
+                result = generate(model, ids, cfg, max_new_tokens=8, tokenizer=tokenizer)
+                row = {"task": "passkey", "policy": policy, "budget": budget, "length": len(ids), "seed": seed,
+                       "score": passkey.score(result.text, key), "depth": depth, "key": key,
+                       "generated": result.text, "decode": result.stats}
+                rows.append(row)
+                log.info("passkey len=%d depth=%.2f %s@%s -> %r (%s)", len(ids), depth, policy, budget, result.text, row["score"])
+    return rows
+
+
+def _teacher_forced_nll(model, prompt: torch.Tensor, target: list[int], cache) -> list[float]:
+    """Per-token NLL of ``target`` after ``prompt`` [1, T], decoding one token at a time."""
+    nll = []
+    with torch.inference_mode():
+        logits = model(prompt, past_key_values=cache, use_cache=True).logits[0, -1]
+        for i, token in enumerate(target):
+            nll.append(-float(torch.log_softmax(logits.float(), -1)[token]))
+            if i + 1 < len(target):
+                logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1]
+    return nll
+
+
+def run_longgen(model, tokenizer, runs, lengths, new_tokens, seed) -> list[dict]:
+    """Greedy agreement with the full cache and teacher-forced NLL of the full continuation."""
+    from icecache_ray.haystack import essay_prompt_ids
+
+    rows = []
+    for length in lengths:
+        prompt = essay_prompt_ids(tokenizer, length, seed=seed)
+        reference = generate(model, prompt, _full(runs), max_new_tokens=new_tokens).token_ids
+        full_nll = _teacher_forced_nll(model, prompt, reference, DynamicCache(config=model.config))
+        for policy, budget, cfg in runs:
+            t0 = time.perf_counter()
+            ours = generate(model, prompt, cfg, max_new_tokens=new_tokens).token_ids
+            agree = sum(a == b for a, b in zip(ours, reference)) / len(reference)
+            cache = IceCache(model, cfg)
+            try:
+                nll = _teacher_forced_nll(model, prompt, reference, cache)
+            finally:
+                cache.close()
+                model.set_attn_implementation("sdpa")
+            q = min(128, len(nll))
+            row = {"task": "longgen", "policy": policy, "budget": budget, "length": int(prompt.shape[1]), "seed": seed,
+                   "score": agree, "new_tokens": len(reference), "nll": sum(nll) / len(nll),
+                   "nll_full": sum(full_nll) / len(full_nll), "nll_ratio": (sum(nll) / len(nll)) / (sum(full_nll) / len(full_nll)),
+                   "nll_first128": sum(nll[:q]) / q, "nll_last128": sum(nll[-q:]) / q,
+                   "nll_full_first128": sum(full_nll[:q]) / q, "nll_full_last128": sum(full_nll[-q:]) / q,
+                   "wall_s": time.perf_counter() - t0}
+            rows.append(row)
+            log.info("longgen len=%d %s@%s agreement=%.3f nll ratio=%.4f", length, policy, budget, agree, row["nll_ratio"])
+    return rows
+
+
+def _full(runs):
+    from icecache_ray.config import IceCacheConfig
+
+    return IceCacheConfig(policy="full")
