@@ -1,9 +1,10 @@
-"""``make demo``: the bundled model on a bundled long document, with the M-DCI index built over it.
+"""``make demo``: the bundled model on a bundled long prompt, decoded with the IceCache.
 
-Until the sparse-decoding engine and the summarization job land (issues 3 and 5), the demo shows
-what exists end to end: SmolLM2-135M-Instruct answers a passkey question hidden in ~3k tokens of
-essays (dense cache), and the keys/queries of that run are replayed through the page-selection
-policies to show how much attention mass each one keeps at a 256-token budget.
+Until the summarization job lands (issue 5), the demo shows what exists end to end:
+SmolLM2-135M-Instruct answers a passkey question hidden in ~3k tokens (the reference passkey
+protocol), once with the full cache and once with IceCache at a 256-token budget (sparse
+decoding from host pages), and the post-RoPE queries/keys of that prompt are replayed through the
+page-selection policies to show how much attention mass each keeps at that budget.
 Writes ``demo.json`` into the output folder it prints.
 """
 
@@ -20,20 +21,6 @@ import numpy as np
 log = logging.getLogger("icecache_ray.demo")
 
 
-def passkey_prompt(tokenizer, n_tokens: int, depth: float, passkey: int):
-    """Essay filler with the passkey sentence at ``depth`` (0..1), ending with the question."""
-    import torch
-
-    from icecache_ray.haystack import essay_prompt_ids
-
-    filler = essay_prompt_ids(tokenizer, n_tokens, seed=1)[0].tolist()
-    needle = tokenizer(f" The pass key is {passkey}. Remember it. {passkey} is the pass key. ", add_special_tokens=False).input_ids
-    question = tokenizer(" What is the pass key? The pass key is", add_special_tokens=False).input_ids
-    body = filler[: n_tokens - len(needle) - len(question)]
-    cut = int(len(body) * depth)
-    return torch.tensor([body[:cut] + needle + body[cut:] + question])
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m icecache_ray.demo", description=__doc__.splitlines()[0])
@@ -44,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--tokens={args.tokens}: must be within [256, 8192] (the model's context is 8k)")
     import torch
 
+    import icecache_ray
     from icecache_ray.bench.harness import replay_head
+    from icecache_ray.eval.passkey import build_prompt, score
     from icecache_ray.capture import capture_qk
     from icecache_ray.config import IceCacheConfig
     from icecache_ray.model import load_model
@@ -55,12 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model()
     passkey = 48213
-    ids = passkey_prompt(tokenizer, args.tokens, depth=0.4, passkey=passkey)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        answer_ids = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
-    answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
-    log.info("dense generation: %r (%.1f s)", answer, time.perf_counter() - t0)
+    ids = build_prompt(tokenizer, args.tokens, depth=0.4, key=passkey)
+    answers = {}
+    for name, cfg in (("full", IceCacheConfig(policy="full")), ("icecache@256", IceCacheConfig(budget=256))):
+        t0 = time.perf_counter()
+        result = icecache_ray.generate(model, ids, cfg, max_new_tokens=8, tokenizer=tokenizer)
+        answers[name] = {"answer": result.text, "correct": bool(score(result.text, passkey)),
+                         "seconds": round(time.perf_counter() - t0, 2), "decode": result.stats}
+        log.info("%-13s answer %r (%s) in %.1f s", name, result.text, "correct" if answers[name]["correct"] else "wrong", answers[name]["seconds"])
+    ids = torch.tensor([ids])
     layers = [2, 10, 20, 29]
     captured = capture_qk(model, ids, layers=layers, query_positions=[ids.shape[1] - 1])
     cfg = IceCacheConfig(budget=256)
@@ -76,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             recall[name] = float(np.mean(values))
             log.info("attention mass kept at budget 256 by %-9s: %.3f", name, recall[name])
-    result = {"prompt_tokens": int(ids.shape[1]), "passkey": passkey, "answer": answer, "correct": str(passkey) in answer,
-              "layers": layers, "recall_at_256": recall}
+    result = {"prompt_tokens": int(ids.shape[1]), "passkey": passkey, "generation": answers,
+              "recall_layers": layers, "recall_at_256": recall}
     (out / "demo.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     print(f"results written to {out.resolve()}")

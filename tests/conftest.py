@@ -12,12 +12,14 @@ from icecache_ray.pool import list_leaked_segments  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leaked_shared_memory():
-    """Fail the session if a test left an ``icr_`` segment in /dev/shm."""
-    before = set(list_leaked_segments())
+    """Fail the session if a test left one of *this process's* ``icr_<pid>_`` segments in
+    /dev/shm (other processes on the machine, e.g. a benchmark, may own ``icr_`` segments too)."""
+    prefix = f"icr_{os.getpid()}_"
+    before = set(list_leaked_segments(prefix))
     yield
     import gc
 
     gc.collect()
-    leaked = sorted(set(list_leaked_segments()) - before)
+    leaked = sorted(set(list_leaked_segments(prefix)) - before)
     if leaked:
         pytest.fail(f"shared-memory segments leaked by the test suite: {leaked}", pytrace=False)
