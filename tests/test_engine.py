@@ -148,3 +148,21 @@ def test_eval_harness_output_contract(tmp_path):
     assert full["score"] == 1.0  # the model finds the key with the dense cache at 600 tokens
     assert {(s["task"], s["policy"]) for s in data["summary"]} == {("passkey", "icecache"), ("passkey", "full")}
     assert (tmp_path / "pk.md").read_text().startswith("| task |")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_budget_covering_every_page_equals_dense_attention():
+    """Same invariant with the model, sink/window and page slots on the GPU (pool on the host)."""
+    model = _model().to("cuda")
+    ids = torch.randint(0, 96, (1, 400), generator=torch.Generator().manual_seed(6)).to("cuda")
+    dense = _decode_logits(model, ids, DynamicCache(config=model.config), 30)
+    cache = IceCache(model, IceCacheConfig(budget=1024))
+    try:
+        sparse = _decode_logits(model, ids, cache, 30)
+        total = cache.stats.total()
+        assert total.pages_loaded > 0 and total.bytes_loaded > 0
+    finally:
+        cache.close()
+    torch.testing.assert_close(sparse, dense, atol=2e-4, rtol=2e-4)
+

@@ -24,7 +24,7 @@ def run_passkey(model, tokenizer, runs, lengths, depths, seed) -> list[dict]:
             ids = passkey.build_prompt(tokenizer, length, depth, key)
             for policy, budget, cfg in runs:
                 result = generate(model, ids, cfg, max_new_tokens=8, tokenizer=tokenizer)
-                row = {"task": "passkey", "policy": policy, "budget": budget, "length": len(ids), "seed": seed,
+                row = {"task": "passkey", "policy": policy, "budget": budget, "length": length, "prompt_tokens": len(ids), "seed": seed,
                        "score": passkey.score(result.text, key), "depth": depth, "key": key,
                        "generated": result.text, "decode": result.stats}
                 rows.append(row)
@@ -64,7 +64,7 @@ def run_longgen(model, tokenizer, runs, lengths, new_tokens, seed) -> list[dict]
                 cache.close()
                 model.set_attn_implementation("sdpa")
             q = min(128, len(nll))
-            row = {"task": "longgen", "policy": policy, "budget": budget, "length": int(prompt.shape[1]), "seed": seed,
+            row = {"task": "longgen", "policy": policy, "budget": budget, "length": length, "prompt_tokens": int(prompt.shape[1]), "seed": seed,
                    "score": agree, "new_tokens": len(reference), "nll": sum(nll) / len(nll),
                    "nll_full": sum(full_nll) / len(full_nll), "nll_ratio": (sum(nll) / len(nll)) / (sum(full_nll) / len(full_nll)),
                    "nll_first128": sum(nll[:q]) / q, "nll_last128": sum(nll[-q:]) / q,
