@@ -235,6 +235,16 @@ def _ints(text: str, name: str) -> list[int]:
     return values
 
 
+def _nan_to_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = _parse(argv)
@@ -244,12 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     budgets = _ints(args.budgets, "budgets")
     policies = [p for p in args.policies.split(",") if p]
     for b in budgets:
-        IceCacheConfig(budget=b)  # validate before any heavy work
+        try:
+            IceCacheConfig(budget=b)  # validate before any heavy work
+        except ValueError as exc:
+            raise SystemExit(f"--budgets: {exc}") from None
+    unknown = [p for p in policies if p not in REAL_POLICIES + ("full",)]
+    if unknown:
+        raise SystemExit(f"--policies: unknown {unknown}; choose from {list(REAL_POLICIES)}")
     length = args.length or (4096 if args.quick else 8192)
     layers = _ints(args.layers, "layers") if args.layers else ([2, 15, 29] if args.quick else [2, 6, 10, 14, 18, 22, 26, 29])
     sizes = _ints(args.sizes, "sizes") if args.sizes else ([16384, 65536, 262144] if args.quick else [65536, 262144, 1048576])
     index = IndexConfig(seed=args.seed)
-    notes = [f"real: {length}-token essay prompt, layers {layers}, last 64 query positions, all KV heads"]
+    notes = [] if args.skip_real else [f"real: {length}-token essay prompt, layers {layers}, last 64 query positions, all KV heads"]
     if args.quick:
         notes.append(f"quick mode: synthetic sizes {sizes} (the synthetic_1m_* keys refer to N={max(sizes)})")
     rows: list[dict] = []
@@ -271,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     summary["wall_s"] = time.perf_counter() - t0
     result = {"summary": summary, "rows": rows, "build_vs_prefill": build, "bruteforce_ms_p50": {str(k): v for k, v in brute.items()},
               "config": {"index": IceCacheConfig(index=index).to_dict()["index"], "numba_threads": os.environ.get("NUMBA_NUM_THREADS")}}
-    out_path.write_text(json.dumps(result, indent=2, default=float))
-    json.dump(summary, sys.stdout, indent=2, default=float)
+    result = _nan_to_none(result)  # strict JSON: a metric that was not measured is null
+    out_path.write_text(json.dumps(result, indent=2, default=float, allow_nan=False))
+    json.dump(result["summary"], sys.stdout, indent=2, default=float, allow_nan=False)
     print()
     return 0
 

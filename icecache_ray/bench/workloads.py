@@ -5,29 +5,45 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from icecache_ray.capture import CapturedQK
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RealWorkload:
-    """Captured post-RoPE keys [layer][n_kv, T, d] and queries [layer][n_q, n_pos, d]."""
+    """A :class:`CapturedQK` (keys [layer][n_kv, T, d], queries [layer][n_q, n_pos, d]) plus the
+    prefill timings of the run that produced it."""
 
-    keys: dict[int, np.ndarray]
-    queries: dict[int, np.ndarray]
-    positions: np.ndarray
-    n_q_heads: int
-    n_kv_heads: int
-    seq_len: int
+    captured: "CapturedQK"
     prefill_s: float  # wall time of the whole chunked prefill
     layer_prefill_s: dict[int, float]  # wall time spent inside each captured decoder layer
 
+    @property
+    def keys(self) -> dict[int, np.ndarray]:
+        return self.captured.keys
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self.captured.query_positions
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.captured.n_kv_heads
+
+    @property
+    def seq_len(self) -> int:
+        return self.captured.seq_len
+
     def group(self, layer: int, kv_head: int) -> tuple[np.ndarray, np.ndarray]:
         """(keys [T, d], queries [H_group, n_pos, d]) of one KV head."""
-        g = self.n_q_heads // self.n_kv_heads
-        return self.keys[layer][kv_head], self.queries[layer][kv_head * g : (kv_head + 1) * g]
+        g = self.captured.n_q_heads // self.captured.n_kv_heads
+        return self.captured.keys[layer][kv_head], self.captured.queries[layer][kv_head * g : (kv_head + 1) * g]
 
 
 def capture_real(length: int, layers: list[int], n_queries: int, model_path: str | None, seed: int) -> RealWorkload:
@@ -51,16 +67,7 @@ def capture_real(length: int, layers: list[int], n_queries: int, model_path: str
             handle.remove()
     prefill_s = time.perf_counter() - t0
     log.info("captured %d layers of a %d-token prompt in %.1f s", len(layers), length, prefill_s)
-    return RealWorkload(
-        keys=captured.keys,
-        queries=captured.queries,
-        positions=np.asarray(captured.query_positions),
-        n_q_heads=captured.n_q_heads,
-        n_kv_heads=captured.n_kv_heads,
-        seq_len=captured.seq_len,
-        prefill_s=prefill_s,
-        layer_prefill_s={layer: timers[layer][0] for layer in layers},
-    )
+    return RealWorkload(captured=captured, prefill_s=prefill_s, layer_prefill_s={layer: timers[layer][0] for layer in layers})
 
 
 def _layer_timers(model, layers: list[int]) -> dict:

@@ -1,0 +1,38 @@
+"""The retrieval benchmark's command line: output contract and clear errors."""
+
+import json
+
+import pytest
+
+from icecache_ray.bench.retrieval import main
+
+SUMMARY_KEYS = {
+    "real_recall_icecache_256", "real_recall_quest_256", "real_recall_oracle_token_256",
+    "real_recall_oracle_seqpage_256", "synthetic_1m_speedup_vs_bruteforce", "synthetic_1m_hit_rate",
+    "query_growth_64k_to_1m", "build_vs_prefill_ratio", "index_bytes_per_token_head",
+}
+
+
+def test_synthetic_run_writes_the_contract(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["--json", str(out), "--skip-real", "--sizes", "2048,8192", "--budgets", "64,256",
+                 "--policies", "icecache,quest,oracle_token"]) == 0
+    data = json.loads(out.read_text())  # strict JSON (unmeasured metrics are null, never NaN)
+    assert SUMMARY_KEYS <= set(data["summary"])
+    assert data["summary"]["synthetic_1m_hit_rate"] is not None
+    assert data["summary"]["real_recall_icecache_256"] is None
+    policies = {(r["policy"], r["budget"], r["n_tokens"]) for r in data["rows"]}
+    assert ("icecache", 256, 8192) in policies and ("oracle_token", 64, 2048) in policies
+    oracle = [r for r in data["rows"] if r["policy"] == "oracle_token"]
+    assert all(r["topk_hit_rate"] == 1.0 for r in oracle)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--budgets", "abc"], "--budgets='abc'"),
+    (["--budgets", "250"], "budget=250"),
+    (["--sizes", "0"], "positive integers"),
+    (["--policies", "magic"], "unknown \\[.magic.\\]"),
+])
+def test_bad_arguments_are_clear(tmp_path, argv, match):
+    with pytest.raises(SystemExit, match=match):
+        main(["--json", str(tmp_path / "x.json"), "--skip-real"] + argv)
