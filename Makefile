@@ -31,7 +31,7 @@ demo: setup
 	$(VPY) -m icecache_ray.demo
 
 bench: setup
-	$(VPY) -m icecache_ray.bench.retrieval --json bench-retrieval.json
+	$(VPY) -m icecache_ray.bench.retrieval --ablation --json bench-retrieval.json
 
 bench-quick: setup
 	$(VPY) -m icecache_ray.bench.retrieval --quick --json bench-retrieval-quick.json
