@@ -11,6 +11,9 @@ import numpy as np
 from numba import njit
 
 NEG_INF = np.float32(-np.inf)
+# Reassociation lets the float32 dot products vectorise; no "no-NaN/no-inf" assumptions are made
+# (empty slots hold -inf), so comparisons stay exact.
+FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @njit(cache=True)
@@ -94,7 +97,7 @@ def pca_pack(x: np.ndarray, page_size: int, init: np.ndarray, n_iter: int) -> tu
     return order, bounds
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def route_clusters(
     qs: np.ndarray,
     cluster_keys: np.ndarray,
@@ -160,26 +163,27 @@ def route_clusters(
     return current, np.empty((n_heads, 0), np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def score_pages(
-    qs: np.ndarray, pool_k: np.ndarray, page_pool: np.ndarray, page_count: np.ndarray, pages: np.ndarray
+    qs: np.ndarray, pool_pages: np.ndarray, page_pool: np.ndarray, page_count: np.ndarray, pages: np.ndarray
 ) -> np.ndarray:
     """Exact q.k of every token in the given pages.
 
-    qs: [H, d] float32; pool_k: [capacity, P, d] float32 K rows of the pool; page_pool: [n_pages]
+    qs: [H, d] float32; pool_pages: [capacity, 2, P, d] float32, the whole C-contiguous pool (K rows
+    at index 0 of axis 1; a contiguous array lets the inner loop vectorise); page_pool: [n_pages]
     pool page of each index page; page_count: [n_pages] valid rows; pages: [m] index pages.
     Returns [H, m, P] float32 with -inf in empty slots.
     """
     n_heads, dim = qs.shape
-    psize = pool_k.shape[1]
+    psize = pool_pages.shape[2]
     out = np.full((n_heads, pages.shape[0], psize), NEG_INF, np.float32)
     for i in range(pages.shape[0]):
-        rows = pool_k[page_pool[pages[i]]]
+        pid = page_pool[pages[i]]
         for s in range(page_count[pages[i]]):
             for h in range(n_heads):
                 t = np.float32(0.0)
                 for j in range(dim):
-                    t += qs[h, j] * rows[s, j]
+                    t += qs[h, j] * pool_pages[pid, 0, s, j]
                 out[h, i, s] = t
     return out
 
@@ -237,3 +241,67 @@ def subtree_radius(
                 if reach > radius[node]:
                     radius[node] = reach
     return radius
+
+
+@njit(cache=True, fastmath=FAST)
+def page_log_values(token_scores: np.ndarray, scale: float, use_mass: bool) -> np.ndarray:
+    """Per-head page values from exact token scores (see ``icecache_ray.index.select``).
+
+    token_scores: [H, m, P] q.k (-inf in empty slots). Logits ``scale * q.k`` are normalised per
+    head over all candidate tokens; a page's value is its best token's log-probability, or with
+    ``use_mass`` the log of its total probability. Returns [H, m] float64.
+    """
+    n_heads, m, psize = token_scores.shape
+    out = np.empty((n_heads, m))
+    for h in range(n_heads):
+        peak = -np.inf
+        for i in range(m):
+            for s in range(psize):
+                v = token_scores[h, i, s] * scale
+                if v > peak:
+                    peak = v
+        total = 0.0
+        for i in range(m):
+            for s in range(psize):
+                if token_scores[h, i, s] != -np.inf:
+                    total += np.exp(token_scores[h, i, s] * scale - peak)
+        lse = peak + np.log(total)
+        for i in range(m):
+            best = -np.inf
+            for s in range(psize):
+                v = token_scores[h, i, s] * scale
+                if v > best:
+                    best = v
+            if not use_mass or best == -np.inf:
+                out[h, i] = best - lse
+                continue
+            acc = 0.0
+            for s in range(psize):
+                if token_scores[h, i, s] != -np.inf:
+                    acc += np.exp(token_scores[h, i, s] * scale - best)
+            out[h, i] = best + np.log(acc) - lse
+    return out
+
+
+@njit(cache=True)
+def head_union(clusters: np.ndarray, scores: np.ndarray, width: int, n_clusters: int) -> np.ndarray:
+    """Union of every head's top-``width`` clusters, rank by rank (rank 1 of every head first).
+
+    clusters: [m] cluster id of each scored node; scores: [H, m]. Returns [u] int64.
+    """
+    n_heads, m = scores.shape
+    width = min(width, m)
+    ranked = np.empty((n_heads, width), np.int64)
+    for h in range(n_heads):
+        ranked[h] = np.argsort(-scores[h], kind="mergesort")[:width]
+    seen = np.zeros(n_clusters, np.bool_)
+    out = np.empty(n_heads * width, np.int64)
+    n = 0
+    for r in range(width):
+        for h in range(n_heads):
+            c = clusters[ranked[h, r]]
+            if not seen[c]:
+                seen[c] = True
+                out[n] = c
+                n += 1
+    return out[:n]

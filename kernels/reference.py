@@ -59,8 +59,9 @@ def route_clusters_ref(qs, cluster_keys, node_slack, r_cluster, r_block_start, r
     return current, np.zeros((qs.shape[0], 0), np.float32)
 
 
-def score_pages_ref(qs, pool_k, page_pool, page_count, pages):
+def score_pages_ref(qs, pool_pages, page_pool, page_count, pages):
     """Same contract as :func:`kernels.mdci.score_pages`."""
+    pool_k = pool_pages[:, 0]
     psize = pool_k.shape[1]
     out = np.full((qs.shape[0], len(pages), psize), -np.inf, np.float32)
     for i, p in enumerate(pages):
@@ -90,3 +91,27 @@ def subtree_radius_ref(cluster_keys, cluster_radius, r_cluster, r_block_start, r
                 reach = np.linalg.norm(cluster_keys[r_cluster[lo:hi]] - cluster_keys[r_cluster[node]], axis=1) + radius[lo:hi]
                 radius[node] = max(radius[node], reach.max())
     return radius
+
+
+def page_log_values_ref(token_scores, scale, use_mass):
+    """Same contract as :func:`kernels.mdci.page_log_values`."""
+    logits = token_scores.astype(np.float64) * scale
+    flat = logits.reshape(logits.shape[0], -1)
+    peak = flat.max(axis=1, keepdims=True)
+    lse = peak + np.log(np.exp(flat - peak).sum(axis=1, keepdims=True))
+    logp = logits - lse[:, :, None]
+    if not use_mass:
+        return logp.max(axis=2)
+    page_peak = logp.max(axis=2, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.isfinite(page_peak[..., 0]), page_peak[..., 0] + np.log(np.exp(logp - page_peak).sum(axis=2)), -np.inf)
+
+
+def head_union_ref(clusters, scores, width, n_clusters):
+    """Same contract as :func:`kernels.mdci.head_union`."""
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, : min(width, scores.shape[1])]
+    out = []
+    for item in clusters[ranked.T.ravel()]:
+        if int(item) not in out:
+            out.append(int(item))
+    return np.asarray(out, np.int64)

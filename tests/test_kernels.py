@@ -78,7 +78,7 @@ def test_subtree_radius_parity():
 
 def test_score_pages_and_cluster_pages_parity():
     rng = _rng(3)
-    pool_k = rng.standard_normal((10, 4, 6)).astype(np.float32)
+    pool_k = rng.standard_normal((10, 2, 4, 6)).astype(np.float32)
     page_pool = np.array([3, 1, 7, 0], np.int32)
     page_count = np.array([4, 2, 1, 3], np.int32)
     pages = np.array([2, 0, 3], np.int64)
@@ -90,3 +90,25 @@ def test_score_pages_and_cluster_pages_parity():
     nxt = np.array([1, -1, 3, -1], np.int32)
     clusters = np.array([1, 0, 2], np.int64)
     np.testing.assert_array_equal(K.cluster_pages(first, nxt, clusters), R.cluster_pages_ref(first, nxt, clusters))
+
+
+@pytest.mark.parametrize("use_mass", [False, True])
+def test_page_log_values_parity(use_mass):
+    rng = _rng(4)
+    scores = rng.standard_normal((3, 7, 16)).astype(np.float32) * 4
+    scores[:, 2, 5:] = -np.inf  # a partially filled page
+    scores[1, 4, :] = -np.inf  # an empty page for one head
+    got = K.page_log_values(scores, 0.125, use_mass)
+    want = R.page_log_values_ref(scores, 0.125, use_mass)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    from icecache_ray.index.select import per_head_page_values
+
+    np.testing.assert_allclose(got, per_head_page_values(scores, "mass" if use_mass else "max", 0.125), rtol=1e-5)
+
+
+def test_head_union_parity():
+    rng = _rng(5)
+    clusters = rng.permutation(40)[:25].astype(np.int64)
+    scores = rng.standard_normal((3, 25)).astype(np.float32)
+    for width in (1, 4, 30):
+        np.testing.assert_array_equal(K.head_union(clusters, scores, width, 40), R.head_union_ref(clusters, scores, width, 40))

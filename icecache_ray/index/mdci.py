@@ -23,7 +23,7 @@ import numpy as np
 from icecache_ray.config import IndexConfig
 from icecache_ray.index.levels import level_of, levels_of
 from icecache_ray.index.routing import Routing
-from icecache_ray.index.select import merge_group, per_head_page_values
+from icecache_ray.index.select import merge_group
 from icecache_ray.index.storage import PageTable, check_keys, check_queries
 from icecache_ray.kernels import mdci as K
 
@@ -287,8 +287,8 @@ class MDCIIndex:
             empty = np.zeros(0, np.int32)
             return QueryResult(empty, empty, empty, 0)
         candidates = self._candidate_pages(qs, int(k))
-        scores = K.score_pages(qs, self.table.pool_k, self.table.page_pool, self.table.page_count, candidates)
-        values = per_head_page_values(scores, self.config.page_score, self.scale)
+        scores = K.score_pages(qs, self.table.pool.pages, self.table.page_pool, self.table.page_count, candidates)
+        values = K.page_log_values(scores, self.scale, self.config.page_score == "mass")
         chosen = candidates[merge_group(values, int(k), self.config.gqa)].astype(np.int32)
         return QueryResult(
             pages=chosen,
@@ -315,25 +315,13 @@ class MDCIIndex:
             upper,
         )
         clusters = snap.cluster[nodes]
-        union = self._head_union(clusters, scores, width)
+        union = K.head_union(clusters, scores, width, self.n_clusters)
         pages = K.cluster_pages(self.table.cluster_first_page, self.table.page_next, union)
         if len(pages) < k:  # rare: the beam's clusters hold fewer than k pages
             order = self._widened_order(union, clusters, scores)
             need = int(np.searchsorted(np.cumsum(self.table.cluster_n_pages[order]), k)) + 1
             pages = K.cluster_pages(self.table.cluster_first_page, self.table.page_next, order[:need])
         return pages
-
-    @staticmethod
-    def _head_union(clusters: np.ndarray, scores: np.ndarray, width: int) -> np.ndarray:
-        """Union of every head's top-``width`` clusters, in rank order. Returns [u] int64."""
-        if width < scores.shape[1]:  # O(m) pre-selection, then rank only the survivors
-            top = np.argpartition(-scores, width - 1, axis=1)[:, :width]
-            ranked = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable"), axis=1)
-        else:
-            ranked = np.argsort(-scores, axis=1, kind="stable")
-        flat = clusters[ranked.T.ravel()]
-        _, first = np.unique(flat, return_index=True)
-        return flat[np.sort(first)]
 
     def _widened_order(self, union: np.ndarray, clusters: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """The union first, then the other scored clusters by best score, then all the rest."""

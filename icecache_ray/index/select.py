@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from icecache_ray.kernels import mdci as K
+
 
 def per_head_page_values(token_scores: np.ndarray, page_score: str, scale: float) -> np.ndarray:
-    """token_scores: [H, m, P] exact q.k (-inf in empty slots). Returns [H, m] log values."""
-    logits = token_scores * np.float32(scale)
-    flat = logits.reshape(logits.shape[0], -1)
-    peak = flat.max(axis=1, keepdims=True)
-    lse = peak + np.log(np.exp(flat - peak).sum(axis=1, keepdims=True))
-    logp = logits - lse[:, :, None]
-    if page_score == "max":
-        return logp.max(axis=2)
-    page_peak = logp.max(axis=2, keepdims=True)
-    return page_peak[..., 0] + np.log(np.exp(logp - page_peak).sum(axis=2))
+    """token_scores: [H, m, P] exact q.k (-inf in empty slots). Returns [H, m] log values
+    (the numba kernel ``page_log_values``; its readable twin is ``page_log_values_ref``)."""
+    return K.page_log_values(np.ascontiguousarray(token_scores, np.float32), float(scale), page_score == "mass")
 
 
 def merge_group(values: np.ndarray, k: int, rule: str) -> np.ndarray:
