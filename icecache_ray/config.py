@@ -50,7 +50,7 @@ class BeamRule:
     kind: str = "fixed"
     width: float = 16.0
     min_width: int = 4
-    upper_factor: float = 6.0  # beam at levels >= 2 = upper_factor * level-1 beam (cheap: ~5 children each)
+    upper_factor: float = 8.0  # beam at levels >= 2 = upper_factor * level-1 beam (cheap: ~5 children each)
 
     def __post_init__(self) -> None:
         _choice("BeamRule", "kind", self.kind, BEAM_KINDS)

@@ -30,6 +30,7 @@ from icecache_ray.kernels import mdci as K
 log = logging.getLogger(__name__)
 
 PCA_ITERS = 8
+FANOUT_CAP = 4.0  # a routing node takes at most this many times the average number of children
 
 
 @dataclass(frozen=True)
@@ -139,22 +140,42 @@ class MDCIIndex:
         return int(clusters[int(np.argmax(cand @ self._augment(key[None])[0]))])
 
     def _build_routing(self, centre_levels: np.ndarray) -> None:
-        """Bulk routing: each cluster hangs, at its top level, under its nearest node one level up."""
+        """Bulk routing: each cluster hangs, at its top level, under a near node one level up.
+
+        Parents are capacity-limited (at most ``FANOUT_CAP`` times the average number of children):
+        nearest-parent assignment alone makes hubs with hundreds of children and huge radii, and a
+        beam that picks a hub then scores all of them. A child whose nearest parents are all full
+        takes the nearest one anyway, so nothing is ever left without a parent."""
         top = int(centre_levels.max()) if len(centre_levels) else 0
         routing = Routing()
         for level in range(1, top + 1):
             routing.nodes.append([int(c) for c in np.flatnonzero(centre_levels >= level)])
-            routing.parents.append([])
         for level in range(1, top + 1):
-            above = routing.nodes[level] if level < top else []
-            for c in routing.nodes[level - 1]:
-                if centre_levels[c] > level:
-                    routing.parents[level - 1].append(c)
-                elif above:
-                    routing.parents[level - 1].append(self._nearest_among(self.table.cluster_keys[c], above))
-                else:
-                    routing.parents[level - 1].append(-1)
+            nodes = np.asarray(routing.nodes[level - 1], np.int64)
+            parents = np.where(centre_levels[nodes] > level, nodes, -1)  # present one level up: itself
+            above = np.asarray(routing.nodes[level] if level < top else [], np.int64)
+            orphans = np.flatnonzero(parents < 0)
+            if len(above) and len(orphans):
+                parents[orphans] = self._capped_parents(nodes[orphans], above, n_children=len(nodes))
+            routing.parents.append([int(p) for p in parents])
         self.routing = routing
+
+    def _capped_parents(self, children: np.ndarray, above: np.ndarray, n_children: int) -> np.ndarray:
+        """Parent (a cluster id in ``above``) for each child cluster, nearest first, capacity-limited."""
+        keys = self.table.cluster_keys
+        sim = self._augment(keys[children]) @ self._augment(keys[above]).T  # [c, a]
+        capacity = max(2, int(np.ceil(FANOUT_CAP * n_children / len(above))))
+        load = np.ones(len(above), np.int64)  # every parent is also its own child at this level
+        k = min(8, len(above))
+        candidates = np.argsort(-sim, axis=1)[:, :k] if k == len(above) else np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        candidates = np.take_along_axis(candidates, np.argsort(-np.take_along_axis(sim, candidates, 1), axis=1), 1)
+        out = np.empty(len(children), np.int64)
+        for i in np.argsort(-sim[np.arange(len(children)), candidates[:, 0]], kind="stable"):
+            free = [a for a in candidates[i] if load[a] < capacity]
+            choice = free[0] if free else candidates[i, 0]
+            load[choice] += 1
+            out[i] = above[choice]
+        return out
 
     def _renumber_in_routing_order(self, assign: np.ndarray) -> np.ndarray:
         """Renumber clusters so that siblings (children of one routing node) have consecutive ids:
