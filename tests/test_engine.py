@@ -37,20 +37,27 @@ def _decode_logits(model, ids, cache, steps):
     return torch.cat(out)
 
 
+def _assert_matches_dense(model, ids, cfg: IceCacheConfig, steps: int) -> IceCache:
+    """Decode ``steps`` tokens with an IceCache and with a DynamicCache; logits must agree.
+    Returns the (closed) cache so callers can inspect its stats."""
+    dense = _decode_logits(model, ids, DynamicCache(config=model.config), steps)
+    cache = IceCache(model, cfg)
+    try:
+        sparse = _decode_logits(model, ids, cache, steps)
+    finally:
+        cache.close()
+    torch.testing.assert_close(sparse, dense, atol=2e-4, rtol=2e-4)
+    return cache
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("policy", ["icecache", "quest"])
 def test_budget_covering_every_page_equals_dense_attention(kind, policy):
     model = _model(kind)
     ids = torch.randint(0, 96, (1, 300), generator=torch.Generator().manual_seed(1))
-    dense = _decode_logits(model, ids, DynamicCache(config=model.config), 40)
     cfg = IceCacheConfig(budget=1024, policy=policy)  # 60 retrieved pages > the ~20 middle pages
-    cache = IceCache(model, cfg)
-    try:
-        sparse = _decode_logits(model, ids, cache, 40)
-        assert len(cache.stats.steps) == 39
-    finally:
-        cache.close()
-    torch.testing.assert_close(sparse, dense, atol=2e-4, rtol=2e-4)
+    cache = _assert_matches_dense(model, ids, cfg, 40)
+    assert len(cache.stats.steps) == 39
 
 
 def test_full_policy_is_plain_transformers():
@@ -69,13 +76,7 @@ def test_short_prompt_long_generation_loses_no_token():
     code does): with a budget that covers everything, decoding stays equal to dense."""
     model = _model()
     ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(3))
-    dense = _decode_logits(model, ids, DynamicCache(config=model.config), 120)
-    cache = IceCache(model, IceCacheConfig(budget=512))
-    try:
-        sparse = _decode_logits(model, ids, cache, 120)
-    finally:
-        cache.close()
-    torch.testing.assert_close(sparse, dense, atol=2e-4, rtol=2e-4)
+    _assert_matches_dense(model, ids, IceCacheConfig(budget=512), 120)
 
 
 def test_small_budget_decodes_and_moves_only_missing_pages():
@@ -156,13 +157,6 @@ def test_cuda_budget_covering_every_page_equals_dense_attention():
     """Same invariant with the model, sink/window and page slots on the GPU (pool on the host)."""
     model = _model().to("cuda")
     ids = torch.randint(0, 96, (1, 400), generator=torch.Generator().manual_seed(6)).to("cuda")
-    dense = _decode_logits(model, ids, DynamicCache(config=model.config), 30)
-    cache = IceCache(model, IceCacheConfig(budget=1024))
-    try:
-        sparse = _decode_logits(model, ids, cache, 30)
-        total = cache.stats.total()
-        assert total.pages_loaded > 0 and total.bytes_loaded > 0
-    finally:
-        cache.close()
-    torch.testing.assert_close(sparse, dense, atol=2e-4, rtol=2e-4)
-
+    cache = _assert_matches_dense(model, ids, IceCacheConfig(budget=1024), 30)
+    total = cache.stats.total()
+    assert total.pages_loaded > 0 and total.bytes_loaded > 0
