@@ -127,7 +127,8 @@ class SparseLayer(CacheLayerMixin):
         b, hq, n, d = query.shape
         hkv = self.sink_k.shape[1]
         group = hq // hkv
-        parts = [[self._retrieved(query[i, j * group : (j + 1) * group], i, j, stats) for j in range(hkv)] for i in range(b)]
+        host_q = query.float().cpu().numpy()  # one device->host copy per layer, not per head
+        parts = [[self._retrieved(host_q[i, j * group : (j + 1) * group], i, j, stats) for j in range(hkv)] for i in range(b)]
         t0 = time.perf_counter()
         keys, values, mask = self._assemble(parts, n)
         keys = keys.repeat_interleave(group, dim=1)
@@ -139,11 +140,11 @@ class SparseLayer(CacheLayerMixin):
         self._offload_leaving_tokens()
         return out.transpose(1, 2).contiguous()
 
-    def _retrieved(self, qs: torch.Tensor, i: int, j: int, stats: StepStats):
+    def _retrieved(self, qs: np.ndarray, i: int, j: int, stats: StepStats):
         """Selected middle K/V of sequence i, KV head j: (keys [r, d], values [r, d], valid [r])."""
         t0 = time.perf_counter()
         store = self.stores[i][j]
-        selection = self.rt.policy.select(store, qs.reshape(-1, qs.shape[-1]).float().cpu().numpy(), self.rt.config.retrieved_pages)
+        selection = self.rt.policy.select(store, qs.reshape(-1, qs.shape[-1]), self.rt.config.retrieved_pages)
         stats.select_ms += 1e3 * (time.perf_counter() - t0)
         t0 = time.perf_counter()
         if self.rt.uses_slots:

@@ -9,6 +9,7 @@ import time
 import torch
 from transformers import DynamicCache
 
+from icecache_ray.config import IceCacheConfig
 from icecache_ray.engine.cache import IceCache
 from icecache_ray.engine.generate import generate
 from icecache_ray.eval import passkey
@@ -51,7 +52,7 @@ def run_longgen(model, tokenizer, runs, lengths, new_tokens, seed) -> list[dict]
     rows = []
     for length in lengths:
         prompt = essay_prompt_ids(tokenizer, length, seed=seed)
-        reference = generate(model, prompt, _full(runs), max_new_tokens=new_tokens).token_ids
+        reference = generate(model, prompt, IceCacheConfig(policy="full"), max_new_tokens=new_tokens).token_ids
         full_nll = _teacher_forced_nll(model, prompt, reference, DynamicCache(config=model.config))
         for policy, budget, cfg in runs:
             t0 = time.perf_counter()
@@ -74,8 +75,3 @@ def run_longgen(model, tokenizer, runs, lengths, new_tokens, seed) -> list[dict]
             log.info("longgen len=%d %s@%s agreement=%.3f nll ratio=%.4f", length, policy, budget, agree, row["nll_ratio"])
     return rows
 
-
-def _full(runs):
-    from icecache_ray.config import IceCacheConfig
-
-    return IceCacheConfig(policy="full")
