@@ -156,6 +156,11 @@ class IceCacheConfig:
         The window holds ``window_tokens // page_size - 1`` full pages plus the page being filled.
     n_full_layers: leading layers that keep full attention (no index).
     policy: one of ``icecache``, ``quest``, ``oracle``, ``streaming``, ``full``.
+    layer_reuse: the paper's IceCache(r): sparse layers are grouped in runs of ``layer_reuse``;
+        the first (anchor) layer of a run selects pages, the next ``layer_reuse - 1`` layers attend
+        over the anchor's pages (their own K/V of those pages). 1 = every layer selects.
+    prefill_chunk: query rows per attention call during prefill (bounds the score workspace to
+        ``prefill_chunk x prompt`` per head); the K/V of a layer is still computed in one pass.
     """
 
     page_size: int = 16
@@ -166,9 +171,13 @@ class IceCacheConfig:
     policy: str = "icecache"
     index: IndexConfig = field(default_factory=IndexConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    layer_reuse: int = 1
+    prefill_chunk: int = 2048
 
     def __post_init__(self) -> None:
         _positive_int("IceCacheConfig", "page_size", self.page_size)
+        _positive_int("IceCacheConfig", "layer_reuse", self.layer_reuse)
+        _positive_int("IceCacheConfig", "prefill_chunk", self.prefill_chunk)
         _positive_int("IceCacheConfig", "budget", self.budget)
         _non_negative_int("IceCacheConfig", "n_full_layers", self.n_full_layers)
         _choice("IceCacheConfig", "policy", self.policy, POLICIES)

@@ -305,3 +305,66 @@ def head_union(clusters: np.ndarray, scores: np.ndarray, width: int, n_clusters:
                 out[n] = c
                 n += 1
     return out[:n]
+
+
+@njit(cache=True)
+def merge_top_pages(values: np.ndarray, k: int, use_max: bool) -> np.ndarray:
+    """GQA merge of per-head page values [H, m] (log scale) for the ``sum`` / ``max`` rules:
+    combined = sum_h exp(v) (total softmax mass) or max_h v; returns the best min(k, m) positions,
+    best first, ties broken by position (a stable sort, like ``index.select.merge_group``)."""
+    n_heads, m = values.shape
+    combined = np.empty(m)
+    for i in range(m):
+        acc = -np.inf if use_max else 0.0
+        for h in range(n_heads):
+            if use_max:
+                acc = max(acc, values[h, i])
+            else:
+                acc += np.exp(values[h, i])
+        combined[i] = -acc
+    return np.argsort(combined, kind="mergesort")[: min(k, m)]
+
+
+@njit(cache=True)
+def select_pages(
+    qs: np.ndarray,
+    cluster_keys: np.ndarray,
+    node_slack: np.ndarray,
+    r_cluster: np.ndarray,
+    r_block_start: np.ndarray,
+    r_child_start: np.ndarray,
+    r_child_end: np.ndarray,
+    beam_upper: int,
+    width: int,
+    n_clusters: int,
+    n_pages: int,
+    cluster_first_page: np.ndarray,
+    page_next: np.ndarray,
+    pool_pages: np.ndarray,
+    page_pool: np.ndarray,
+    page_count: np.ndarray,
+    scale: float,
+    use_mass: bool,
+    use_max: bool,
+    k: int,
+) -> tuple:
+    """One whole index query in a single call (route -> union -> pages -> score -> merge).
+
+    The composition of ``route_clusters``, ``head_union``, ``cluster_pages``, ``score_pages``,
+    ``page_log_values`` and ``merge_top_pages``; ``MDCIIndex.query`` is its step-by-step reference.
+    Returns (chosen index pages [min(k, n)] int64, ok). ``ok`` is False (nothing chosen) in the rare
+    case where the beam's clusters hold fewer than k pages: the caller then widens in Python.
+    """
+    if k >= n_pages:
+        candidates = np.arange(n_pages)
+    else:
+        nodes, scores = route_clusters(
+            qs, cluster_keys, node_slack, r_cluster, r_block_start, r_child_start, r_child_end, beam_upper
+        )
+        union = head_union(r_cluster[nodes], scores, width, n_clusters)
+        candidates = cluster_pages(cluster_first_page, page_next, union)
+        if candidates.shape[0] < k:
+            return np.empty(0, np.int64), False
+    token_scores = score_pages(qs, pool_pages, page_pool, page_count, candidates)
+    values = page_log_values(token_scores, scale, use_mass)
+    return candidates[merge_top_pages(values, k, use_max)], True

@@ -196,3 +196,23 @@ def test_release_returns_pool_pages(pool):
     assert pool.num_free < free
     index.release()
     assert pool.num_free == free
+
+
+@pytest.mark.parametrize("gqa", ["interleave", "max", "sum"])
+@pytest.mark.parametrize("page_score", ["max", "mass"])
+@pytest.mark.parametrize("k", [1, 10, 40, 10_000])
+def test_fused_select_equals_step_by_step_query(pool, gqa, page_score, k):
+    """The decode hot path (one numba call) ranks exactly like the step-by-step reference query,
+    before and after insertions (which change clusters, pages and the routing cache)."""
+    keys, values = _data(3000, seed=8)
+    index = MDCIIndex(pool, IndexConfig(gqa=gqa, page_score=page_score), D)
+    index.build(keys[:2000], values[:2000])
+    rng = np.random.default_rng(2)
+    for step in range(2):
+        for _ in range(5):
+            q = rng.standard_normal((3, D)).astype(np.float32)
+            reference = index.query(q, k)
+            pool_pages, counts = index.select_fast(q, k)
+            np.testing.assert_array_equal(pool_pages, reference.pool_pages)
+            np.testing.assert_array_equal(counts, reference.counts)
+        index.insert(keys[2000 + 500 * step : 2500 + 500 * step], values[2000 + 500 * step : 2500 + 500 * step])

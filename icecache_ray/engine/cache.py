@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextvars
 
+import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 from icecache_ray.config import IceCacheConfig
@@ -26,15 +28,48 @@ SPARSE_ATTENTION = "icecache_sparse"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # The layer whose update() ran last in this thread; the attention call right after consumes it.
 _ACTIVE_LAYER: contextvars.ContextVar[SparseLayer | None] = contextvars.ContextVar("icecache_layer", default=None)
+# Query rows per prefill attention call of the IceCache whose update ran last (None: one call).
+_PREFILL_CHUNK: contextvars.ContextVar[int | None] = contextvars.ContextVar("icecache_chunk", default=None)
 
 
 def sparse_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention function registered as ``icecache_sparse`` (see module docstring)."""
+    """Attention function registered as ``icecache_sparse`` (see module docstring).
+
+    Prefill (and every layer of another cache) is dense causal attention, in query chunks of
+    ``prefill_chunk`` rows when an IceCache is active; a sparse layer then keeps its resident set.
+    Decode steps of sparse layers attend over sink + selected pages + window."""
     layer = _ACTIVE_LAYER.get()
     _ACTIVE_LAYER.set(None)
-    if layer is None or layer.prefill_step or layer.layer_idx != getattr(module, "layer_idx", None):
-        return sdpa_attention()(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    return layer.attend(query, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if layer is not None and not layer.prefill_step and layer.layer_idx == getattr(module, "layer_idx", None):
+        return layer.attend(query, scaling), None
+    chunk = _PREFILL_CHUNK.get()
+    if chunk is None or query.shape[2] <= chunk:
+        out = sdpa_attention()(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    else:
+        out = (chunked_causal_attention(query, key, value, attention_mask, scaling, chunk), None)
+    if layer is not None and layer.prefill_step:
+        layer.finish_prefill(attention_mask)
+    return out
+
+
+def chunked_causal_attention(query, key, value, attention_mask, scaling: float, chunk: int) -> torch.Tensor:
+    """Causal attention in query chunks: query [B, Hq, n, d], key/value [B, H, kv, d] (the last n
+    keys are the queries' own positions), mask [B, 1, n, kv] bool/additive or None.
+    Returns [B, n, Hq, d]. Each chunk only sees keys up to its last query."""
+    n, kv = query.shape[2], key.shape[2]
+    past = kv - n
+    outs = []
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        k, v = key[:, :, : past + end], value[:, :, : past + end]
+        if attention_mask is not None:
+            mask = attention_mask[:, :, start:end, : past + end]
+        else:
+            q_pos = torch.arange(past + start, past + end, device=query.device)
+            mask = torch.arange(past + end, device=query.device)[None, :] <= q_pos[:, None]
+        outs.append(F.scaled_dot_product_attention(query[:, :, start:end], k, v, attn_mask=mask, scale=scaling, enable_gqa=True))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
 def check_model(model, config: IceCacheConfig) -> tuple[int, int]:
@@ -60,16 +95,20 @@ class IceCache(Cache):
         n_layers, head_dim = check_model(model, config)
         self.config = config
         self.runtime = SparseRuntime(config, head_dim) if config.policy != "full" else None
-        layers = [
-            DynamicLayer() if (i < config.n_full_layers or self.runtime is None) else SparseLayer(i, self.runtime)
-            for i in range(n_layers)
-        ]
+        layers = []
+        for i in range(n_layers):
+            if i < config.n_full_layers or self.runtime is None:
+                layers.append(DynamicLayer())
+                continue
+            first_of_run = config.n_full_layers + (i - config.n_full_layers) // config.layer_reuse * config.layer_reuse
+            layers.append(SparseLayer(i, self.runtime, anchor=layers[first_of_run] if first_of_run != i else None))
         super().__init__(layers=layers)
         self._first_sparse = next((i for i, l in enumerate(layers) if isinstance(l, SparseLayer)), None)
         model.set_attn_implementation(register_attention(SPARSE_ATTENTION, sparse_attention))
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
+        _PREFILL_CHUNK.set(self.config.prefill_chunk)
         if isinstance(layer, SparseLayer):
             if layer_idx == self._first_sparse and layer.seq_len > 0:
                 self.runtime.begin_step()
@@ -82,6 +121,20 @@ class IceCache(Cache):
     def stats(self):
         """Per-step :class:`StepStats` of the decode steps so far (``RequestStats``)."""
         return self.runtime.stats if self.runtime is not None else None
+
+    def host_memory(self) -> dict[str, float]:
+        """Host pool bytes in use, index metadata bytes, and both per stored token and KV head."""
+        layers = [l for l in self.layers if isinstance(l, SparseLayer)]
+        tokens = sum(l.stored_token_heads() for l in layers)
+        pool = self.runtime.pool if self.runtime is not None else None
+        pool_bytes = pool.num_used * pool.layout.page_bytes if pool is not None else 0
+        index_bytes = sum(l.index_bytes() for l in layers)
+        return {
+            "host_pool_bytes": pool_bytes,
+            "index_bytes": index_bytes,
+            "host_pool_bytes_per_token_head": pool_bytes / max(1, tokens),
+            "index_bytes_per_token_head": index_bytes / max(1, tokens),
+        }
 
     def close(self) -> None:
         """Finish background work, free host pages and unlink the pool (idempotent)."""

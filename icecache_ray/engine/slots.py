@@ -1,59 +1,53 @@
-"""Device-resident page slots of one (sequence, layer, KV head): diff, bulk load, valid counts.
+"""Which host page sits in which device slot, per (sequence, KV head) of one layer (NumPy only).
 
-The selected host pages are compared with what the slots already hold; only missing (or dirty)
-pages are gathered from the host pool into one staging array, copied to the device once, and
-scattered into free slots. Attention reads every slot with a per-slot valid-token count, so slot
-order does not matter (keys are post-RoPE).
+The selection of a step is diffed against what the slots already hold: pages still wanted keep
+their slot, missing (or dirty) pages are assigned the freed slots, and only those are copied. Slot
+order does not matter to attention (keys are post-RoPE and every slot carries its valid-row count).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
-class PageSlots:
-    """``n_slots`` page slots on ``device``: K/V ``[n_slots, P, d]`` and valid counts ``[n_slots]``."""
+class SlotTable:
+    """``slot_page[b, h, s]``: pool page held by slot s (-1 = none); ``slot_count``: its valid rows."""
 
-    def __init__(self, n_slots: int, page_size: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.keys = torch.zeros(n_slots, page_size, head_dim, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
-        self.valid = torch.zeros(n_slots, dtype=torch.long, device=device)
-        self.resident: dict[int, int] = {}  # pool page -> slot
+    def __init__(self, batch: int, heads: int, n_slots: int, page_size: int) -> None:
+        self.slot_page = np.full((batch, heads, n_slots), -1, np.int64)
+        self.slot_count = np.zeros((batch, heads, n_slots), np.int64)
         self.page_size = page_size
 
-    def invalidate(self, pool_pages) -> None:
-        """Forget pages whose host contents changed (the next selection reloads them)."""
-        for page in pool_pages:
-            self.resident.pop(int(page), None)
+    @property
+    def n_slots(self) -> int:
+        return self.slot_page.shape[2]
 
-    def load(self, pool, pool_pages: np.ndarray, counts: np.ndarray) -> tuple[int, int, int]:
-        """Make exactly ``pool_pages`` resident (valid = ``counts``); others get valid 0.
+    def invalidate(self, b: int, h: int, pool_pages: np.ndarray) -> None:
+        """Forget slots whose host page changed (rows appended or split): they reload when chosen."""
+        if len(pool_pages):
+            stale = np.isin(self.slot_page[b, h], pool_pages)
+            self.slot_page[b, h, stale] = -1
+            self.slot_count[b, h, stale] = 0
 
-        Returns (pages loaded, pages already resident, bytes copied host -> device).
+    def plan(self, b: int, h: int, pool_pages: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Make exactly ``pool_pages`` [k <= n_slots] resident with valid rows ``counts`` [k].
+
+        Returns (pages to copy [m], their target slots [m]); every other slot ends with count 0.
         """
-        wanted = {int(p): int(c) for p, c in zip(pool_pages, counts)}
-        keep = {p: s for p, s in self.resident.items() if p in wanted}
-        free = [s for s in range(self.keys.shape[0]) if s not in set(keep.values())]
-        missing = [p for p in wanted if p not in keep]
-        if missing:
-            staging = torch.from_numpy(pool.read(np.asarray(missing)))  # one gather: [n, 2, P, d]
-            staging = staging.to(self.keys.device, self.keys.dtype, non_blocking=True)  # one copy
-            slots = torch.as_tensor(free[: len(missing)], device=self.keys.device)
-            self.keys[slots] = staging[:, 0]  # one scatter each
-            self.values[slots] = staging[:, 1]
-            keep.update(zip(missing, free[: len(missing)]))
-        self.resident = keep
-        valid = torch.zeros_like(self.valid)
-        if keep:
-            idx = torch.as_tensor(list(keep.values()), device=valid.device)
-            valid[idx] = torch.as_tensor([wanted[p] for p in keep], device=valid.device)
-        self.valid = valid
-        nbytes = len(missing) * 2 * self.keys.shape[1] * self.keys.shape[2] * self.keys.element_size()
-        return len(missing), len(wanted) - len(missing), nbytes
+        held = self.slot_page[b, h]
+        keep = np.isin(held, pool_pages)
+        missing = ~np.isin(pool_pages, held[keep])
+        free = np.flatnonzero(~keep)[: int(missing.sum())]
+        held[~keep] = -1
+        held[free] = pool_pages[missing]
+        slot_of = {int(p): s for s, p in enumerate(held) if p >= 0}
+        count = self.slot_count[b, h]
+        count[:] = 0
+        for page, n in zip(pool_pages.tolist(), counts.tolist()):
+            count[slot_of[page]] = n
+        return pool_pages[missing], free
 
-    def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keys [n_slots * P, d], values [n_slots * P, d], mask [n_slots * P] bool)."""
-        offsets = torch.arange(self.page_size, device=self.valid.device)
-        mask = (offsets[None, :] < self.valid[:, None]).reshape(-1)
-        return self.keys.reshape(-1, self.keys.shape[-1]), self.values.reshape(-1, self.values.shape[-1]), mask
+    def token_valid(self, b: int, h: int) -> np.ndarray:
+        """[n_slots * page_size] bool: which rows of the slot region hold valid tokens."""
+        offsets = np.arange(self.page_size)
+        return (offsets[None, :] < self.slot_count[b, h][:, None]).reshape(-1)

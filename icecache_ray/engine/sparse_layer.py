@@ -1,12 +1,15 @@
 """One sparse (budgeted) layer of the IceCache: sink + window on the device, the rest in host stores.
 
-Prefill: the layer returns the full prompt K/V for dense causal attention, keeps only the sink and
-the window, and hands the middle tokens to a background thread that builds one store per
-(sequence, KV head) while later layers compute. Decode: the attention function calls
-:meth:`SparseLayer.attend`, which selects pages per KV head, loads only missing pages into device
-slots, and attends over sink + slots + window. Tokens leaving the window are inserted into the
-stores asynchronously after the step's selection, and stay in the window until the insertion has
-finished, so no token is ever lost or attended twice.
+Prefill: the layer hands the whole prompt's K/V to dense causal attention, then (in
+:meth:`SparseLayer.finish_prefill`, once the attention mask tells each sequence's left padding)
+keeps only each sequence's sink and window on the device and gives the middle tokens to a
+background thread that builds one store per (sequence, KV head) while later layers compute.
+
+Decode: new tokens go into the window ring; :meth:`SparseLayer.attend` selects pages per KV head,
+copies only the pages that are not resident (one gather, one copy, one scatter per layer) and
+attends over sink + slots + window in one call. Tokens leaving the window are inserted into the
+stores in the background and stay attended until the insertion is done (the next step's settle),
+so no token is ever lost or counted twice.
 """
 
 from __future__ import annotations
@@ -16,33 +19,49 @@ from concurrent.futures import Future
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import CacheLayerMixin
 
+from icecache_ray.engine.resident import ResidentKV
 from icecache_ray.engine.runtime import SparseRuntime
-from icecache_ray.engine.slots import PageSlots
+from icecache_ray.engine.slots import SlotTable
 from icecache_ray.engine.stats import StepStats
+from icecache_ray.engine.window import WindowBook
+
+
+def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[int]:
+    """Per-sequence left padding from the 4D mask [B, 1, q, kv] (bool: True = attend, or additive
+    float) given to the prefill's attention; ``None`` means no padding. Rejects other layouts."""
+    if attention_mask is None:
+        return [0] * batch
+    last = attention_mask[:, 0, -1, -length:]
+    valid = last if last.dtype == torch.bool else last == 0
+    valid = valid.expand(batch, length).cpu().numpy()
+    pads = length - valid.sum(axis=1)
+    for b, pad in enumerate(pads.tolist()):
+        if not valid[b, pad:].all() or pad == length:
+            raise ValueError(f"sequence {b} of the batch: only left padding with at least one real token is supported")
+    return [int(p) for p in pads]
 
 
 class SparseLayer(CacheLayerMixin):
-    """Cache layer for layers >= n_full_layers (see module docstring)."""
+    """Cache layer for layers >= n_full_layers (see module docstring). With ``anchor`` set, the
+    layer reuses that layer's selected tokens instead of selecting (IceCache(r))."""
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, layer_idx: int, runtime: SparseRuntime) -> None:
+    def __init__(self, layer_idx: int, runtime: SparseRuntime, anchor: "SparseLayer | None" = None) -> None:
         super().__init__()
-        self.layer_idx = layer_idx
-        self.rt = runtime
-        self.seq_len = 0
-        self.sink_k = self.sink_v = None  # [B, H, S, d]
-        self.win_k = self.win_v = None  # [B, H, w, d]: tokens win_start .. seq_len - 1
-        self.win_start = 0
-        self.offloaded_end = 0  # tokens [sink, offloaded_end) are in, or on their way to, the stores
+        self.layer_idx, self.rt, self.anchor = layer_idx, runtime, anchor
+        self.seq_len = 0  # padded length, as transformers counts it
+        self.book: WindowBook | None = None
+        self.kv: ResidentKV | None = None
+        self.slots: SlotTable | None = None
+        self.ret_valid: np.ndarray | None = None  # [B, H, R * P] valid rows of the slot region
         self.stores: list[list] | None = None  # [B][H]
-        self.slots: list[list[PageSlots]] | None = None
+        self.selected: list[list[np.ndarray]] | None = None  # [B][H] middle-token ids chosen this step
         self.pending: Future | None = None
-        self.pending_end = 0  # window tokens below this leave once ``pending`` finishes
+        self.prefill_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self.prefill_step = False
 
     # ------------------------------------------------------------------ transformers API
@@ -51,17 +70,27 @@ class SparseLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """key/value_states: [B, H, n, d] post-RoPE. Prefill returns the full prompt K/V; decode
-        returns sink + window (the attention function adds the selected pages)."""
+        """key/value_states: [B, H, n, d] post-RoPE. Prefill returns the prompt K/V for dense
+        attention; decode writes the new tokens into the window ring (attention reads the buffer)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[2]
         if self.seq_len == 0:
-            return self._prefill(key_states, value_states)
+            self.prefill_kv, self.seq_len, self.prefill_step = (key_states, value_states), n, True
+            return key_states, value_states
+        if self.book is None:
+            raise RuntimeError(f"layer {self.layer_idx}: decode before the prefill finished (attention not run?)")
+        if n > self.rt.config.page_size:
+            raise ValueError(f"a decode step may add at most page_size={self.rt.config.page_size} tokens, got {n}")
+        self._settle()
         self.prefill_step = False
-        self.win_k = torch.cat([self.win_k, key_states], dim=2)
-        self.win_v = torch.cat([self.win_v, value_states], dim=2)
-        self.seq_len += key_states.shape[2]
-        return torch.cat([self.sink_k, self.win_k], dim=2), torch.cat([self.sink_v, self.win_v], dim=2)
+        for b in range(key_states.shape[0]):
+            positions = self.book.length[b] + np.arange(n)
+            rows = self.kv.ring_start + self.book.place(b, positions)
+            self.kv.write(b, rows, key_states[b], value_states[b])
+        self.book.length += n
+        self.seq_len += n
+        return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seq_len + query_length, 0
@@ -74,34 +103,35 @@ class SparseLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.close()
-        self.__init__(self.layer_idx, self.rt)
+        self.__init__(self.layer_idx, self.rt, self.anchor)
 
     # ------------------------------------------------------------------ prefill
-    def _window_start(self, pos: int) -> int:
+    def finish_prefill(self, attention_mask: torch.Tensor | None) -> None:
+        """After dense attention over the prompt: keep sink + window per sequence, send the middle
+        to the background store build, and drop this layer's full prompt K/V."""
+        k, v = self.prefill_kv
+        self.prefill_kv = None
+        batch, heads, total, dim = k.shape
         cfg = self.rt.config
-        sink = min(cfg.sink_tokens, pos)
-        return max(sink, (pos // cfg.page_size - (cfg.window_pages - 1)) * cfg.page_size)
+        pads = left_padding(attention_mask, batch, total)
+        self.book = WindowBook([total - p for p in pads], cfg.sink_tokens, cfg.window_pages, cfg.page_size)
+        slot_rows = cfg.retrieved_pages * cfg.page_size
+        self.kv = ResidentKV(batch, heads, cfg.sink_tokens, slot_rows, self.book.ring_tokens, dim, self.dtype, self.device)
+        self.ret_valid = np.zeros((batch, heads, slot_rows), bool)
+        if self.rt.uses_slots and self.anchor is None:
+            self.slots = SlotTable(batch, heads, cfg.retrieved_pages, cfg.page_size)
+        middles = []
+        for b, pad in enumerate(pads):
+            sink, start, n = int(self.book.sink_len[b]), int(self.book.win_start[b]), int(self.book.length[b])
+            self.kv.write(b, np.arange(sink), k[b, :, pad : pad + sink], v[b, :, pad : pad + sink])
+            rows = self.kv.ring_start + self.book.place(b, np.arange(start, n))
+            self.kv.write(b, rows, k[b, :, pad + start : pad + n], v[b, :, pad + start : pad + n])
+            middles.append((_host(k[b, :, pad + sink : pad + start]), _host(v[b, :, pad + sink : pad + start])))
+        self.pending = self.rt.submit(self._build_stores, middles)
 
-    def _prefill(self, k: torch.Tensor, v: torch.Tensor):
-        n = k.shape[2]
-        sink = min(self.rt.config.sink_tokens, n)
-        start = self._window_start(n)  # window of the first decoded token (position n)
-        self.sink_k, self.sink_v = k[:, :, :sink].clone(), v[:, :, :sink].clone()
-        self.win_k, self.win_v = k[:, :, start:].clone(), v[:, :, start:].clone()
-        self.win_start = self.offloaded_end = self.pending_end = start
-        host_k = k[:, :, sink:start].float().cpu().numpy().copy()
-        host_v = v[:, :, sink:start].float().cpu().numpy().copy()
-        self.pending = self.rt.submit(self._build_stores, host_k, host_v)
-        self.seq_len, self.prefill_step = n, True
-        return k, v  # dense causal attention over the whole prompt, this step only
-
-    def _build_stores(self, host_k: np.ndarray, host_v: np.ndarray) -> None:
-        """Background: one store per (sequence, KV head) over the middle tokens [B, H, m, d]."""
-        b, h = host_k.shape[:2]
-        self.stores = [[self.rt.policy.build(host_k[i, j], host_v[i, j]) for j in range(h)] for i in range(b)]
-        if self.rt.uses_slots:
-            n_slots, cfg = self.rt.config.retrieved_pages, self.rt.config
-            self.slots = [[PageSlots(n_slots, cfg.page_size, host_k.shape[-1], self.dtype, self.device) for _ in range(h)] for _ in range(b)]
+    def _build_stores(self, middles: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Background: one store per (sequence, KV head) from middle K/V [H, m_b, d] per sequence."""
+        self.stores = [[self.rt.policy.build(k[j], v[j]) for j in range(k.shape[0])] for k, v in middles]
 
     # ------------------------------------------------------------------ decode
     def _settle(self) -> None:
@@ -110,105 +140,143 @@ class SparseLayer(CacheLayerMixin):
             return
         dirty = self.pending.result()
         self.pending = None
-        drop = self.pending_end - self.win_start
-        if drop > 0:
-            self.win_k, self.win_v = self.win_k[:, :, drop:], self.win_v[:, :, drop:]
-            self.win_start = self.pending_end
+        self.book.retire()
         if dirty is not None and self.slots is not None:
-            for i, row in enumerate(dirty):
-                for j, pages in enumerate(row):
-                    self.slots[i][j].invalidate(pages)
+            for b, row in enumerate(dirty):
+                for h, pages in enumerate(row):
+                    self.slots.invalidate(b, h, pages)
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """query: [B, Hq, n, d] post-RoPE for positions seq_len - n .. seq_len - 1.
+        """query: [B, Hq, n, d] post-RoPE for each sequence's last n positions.
         Returns the attention output [B, n, Hq, d]."""
-        self._settle()
         stats = StepStats()
-        b, hq, n, d = query.shape
-        hkv = self.sink_k.shape[1]
-        group = hq // hkv
-        host_q = query.float().cpu().numpy()  # one device->host copy per layer, not per head
-        parts = [[self._retrieved(host_q[i, j * group : (j + 1) * group], i, j, stats) for j in range(hkv)] for i in range(b)]
+        batch, hq, n, d = query.shape
+        heads = self.kv.keys.shape[1]
+        host_q = np.ascontiguousarray(query.float().cpu().numpy()).reshape(batch, heads, -1, d)  # one copy per layer
+        if self.anchor is not None:
+            self._gather_anchor_tokens(stats)
+        elif self.slots is not None:
+            self._load_pages(self._select_pages(host_q, stats), stats)
+        else:
+            self._select_tokens(host_q, stats)
         t0 = time.perf_counter()
-        keys, values, mask = self._assemble(parts, n)
-        keys = keys.repeat_interleave(group, dim=1)
-        values = values.repeat_interleave(group, dim=1)
-        mask = mask.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
+        mask = self._mask(n)
+        out = self.kv.attend(query, mask, scaling)
         stats.attend_ms += 1e3 * (time.perf_counter() - t0)
         self.rt.record(stats)
         self._offload_leaving_tokens()
-        return out.transpose(1, 2).contiguous()
+        return out
 
-    def _retrieved(self, qs: np.ndarray, i: int, j: int, stats: StepStats):
-        """Selected middle K/V of sequence i, KV head j: (keys [r, d], values [r, d], valid [r])."""
+    def _select_pages(self, host_q: np.ndarray, stats: StepStats) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+        """icecache: choose pages per (sequence, KV head) and plan the slot copies."""
         t0 = time.perf_counter()
-        store = self.stores[i][j]
-        selection = self.rt.policy.select(store, qs.reshape(-1, qs.shape[-1]), self.rt.config.retrieved_pages)
+        plans, k = [], self.rt.config.retrieved_pages
+        publish = self.rt.config.layer_reuse > 1
+        self.selected = [] if publish else None
+        for b, row in enumerate(self.stores):
+            chosen = []
+            for h, store in enumerate(row):
+                pages, pool_pages, counts = store.select_pages(host_q[b, h], k)
+                missing, slots = self.slots.plan(b, h, pool_pages, counts)
+                self.ret_valid[b, h] = self.slots.token_valid(b, h)
+                plans.append((b, h, missing, slots))
+                stats.pages_selected += len(pool_pages)
+                stats.pages_hit += len(pool_pages) - len(missing)
+                if publish:
+                    chosen.append(store.tokens_of(pages))
+            if publish:
+                self.selected.append(chosen)
         stats.select_ms += 1e3 * (time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        if self.rt.uses_slots:
-            pool_pages = store.index.table.page_pool[selection.pages]
-            loaded, hit, nbytes = self.slots[i][j].load(self.rt.pool, pool_pages, selection.counts)
-            stats.pages_selected += len(selection.pages)
-            stats.pages_loaded += loaded
-            stats.pages_hit += hit
-            stats.bytes_loaded += nbytes
-            result = self.slots[i][j].flat()
-        else:
-            rows = selection.tokens
-            k = torch.from_numpy(store.keys[rows]).to(self.device, self.dtype)
-            v = torch.from_numpy(store.values[rows]).to(self.device, self.dtype)
-            stats.bytes_loaded += 2 * k.numel() * k.element_size()
-            result = (k, v, torch.ones(len(rows), dtype=torch.bool, device=self.device))
-        stats.load_ms += 1e3 * (time.perf_counter() - t0)
-        return result
+        return plans
 
-    def _assemble(self, parts, n_queries: int):
-        """Stack sink | retrieved (padded) | window into [B, H, L, d] plus a [B, H, n, L] mask."""
-        b, h, sink, d = self.sink_k.shape
-        width = max(len(p[2]) for row in parts for p in row)
-        ret_k = self.sink_k.new_zeros(b, h, width, d)
-        ret_v = self.sink_v.new_zeros(b, h, width, d)
-        ret_mask = torch.zeros(b, h, width, dtype=torch.bool, device=self.device)
-        for i, row in enumerate(parts):
-            for j, (k, v, valid) in enumerate(row):
-                ret_k[i, j, : len(valid)], ret_v[i, j, : len(valid)], ret_mask[i, j, : len(valid)] = k, v, valid
-        keys = torch.cat([self.sink_k, ret_k, self.win_k], dim=2)
-        values = torch.cat([self.sink_v, ret_v, self.win_v], dim=2)
-        query_pos = torch.arange(self.seq_len - n_queries, self.seq_len, device=self.device)
-        win_pos = torch.arange(self.win_start, self.seq_len, device=self.device)
-        causal = win_pos[None, :] <= query_pos[:, None]  # [n, w]
-        mask = torch.cat(
-            [
-                torch.ones(b, h, n_queries, sink, dtype=torch.bool, device=self.device),
-                ret_mask[:, :, None, :].expand(b, h, n_queries, width),
-                causal[None, None].expand(b, h, n_queries, causal.shape[1]),
-            ],
-            dim=3,
-        )
-        return keys, values, mask
+    def _load_pages(self, plans, stats: StepStats) -> None:
+        """One gather from the host pool, one copy, one scatter per tensor for the whole layer."""
+        t0 = time.perf_counter()
+        pages = np.concatenate([p[2] for p in plans]) if plans else np.zeros(0, np.int64)
+        if len(pages):
+            bs = np.concatenate([np.full(len(p[2]), p[0]) for p in plans])
+            hs = np.concatenate([np.full(len(p[2]), p[1]) for p in plans])
+            slots = np.concatenate([p[3] for p in plans])
+            rows = self.kv.page_rows(bs, hs, slots, self.rt.config.page_size)
+            self.kv.load(rows, torch.from_numpy(self.rt.pool.read(pages)))
+            stats.pages_loaded += len(pages)
+            stats.bytes_loaded += len(pages) * self.rt.pool.layout.page_bytes
+        stats.load_ms += 1e3 * (time.perf_counter() - t0)
+
+    def _select_tokens(self, host_q: np.ndarray, stats: StepStats) -> None:
+        """Policies without an index (quest, oracle, streaming): copy the chosen middle tokens."""
+        t0 = time.perf_counter()
+        publish = self.rt.config.layer_reuse > 1
+        self.selected = [[self.rt.policy.select(s, host_q[b, h], self.rt.config.retrieved_pages).tokens for h, s in enumerate(row)]
+                         for b, row in enumerate(self.stores)]
+        stats.select_ms += 1e3 * (time.perf_counter() - t0)
+        self._write_tokens(self.selected, stats)
+        if not publish:
+            self.selected = None
+
+    def _gather_anchor_tokens(self, stats: StepStats) -> None:
+        """IceCache(r): this layer's own K/V of the tokens its anchor layer chose this step."""
+        self._write_tokens(self.anchor.selected, stats)
+
+    def _write_tokens(self, tokens: list[list[np.ndarray]], stats: StepStats) -> None:
+        t0 = time.perf_counter()
+        for b, row in enumerate(self.stores):
+            for h, store in enumerate(row):
+                ids = tokens[b][h][: self.ret_valid.shape[2]]
+                self.ret_valid[b, h] = np.arange(self.ret_valid.shape[2]) < len(ids)
+                if len(ids):
+                    k, v = store.rows(ids)
+                    rows = self.kv.slot_start + np.arange(len(ids))
+                    self.kv.write_head(b, h, rows, torch.from_numpy(k), torch.from_numpy(v))
+                    stats.bytes_loaded += k.nbytes + v.nbytes
+                stats.pages_selected += -(-len(ids) // self.rt.config.page_size)
+                stats.pages_loaded += -(-len(ids) // self.rt.config.page_size)
+        stats.load_ms += 1e3 * (time.perf_counter() - t0)
+
+    def _mask(self, n_queries: int) -> np.ndarray:
+        """[B, H, n, L] bool: sink rows | valid slot rows | ring rows inside each query's window."""
+        batch, heads = self.ret_valid.shape[:2]
+        mask = np.empty((batch, heads, n_queries, self.kv.length), bool)
+        mask[..., : self.kv.slot_start] = self.book.sink_valid()[:, None, None, :]
+        mask[..., self.kv.slot_start : self.kv.ring_start] = self.ret_valid[:, :, None, :]
+        mask[..., self.kv.ring_start :] = self.book.ring_valid(n_queries)[:, None]
+        return mask
 
     def _offload_leaving_tokens(self) -> None:
-        """Hand the pages that left the window to the stores, in the background."""
-        end = self._window_start(self.seq_len)  # window of the next query (position seq_len)
-        if end <= self.offloaded_end:
+        """Hand the tokens that left every sequence's window to the stores, in the background."""
+        spans = self.book.leaving()
+        if all(hi <= lo for lo, hi in spans):
             return
-        lo, hi = self.offloaded_end - self.win_start, end - self.win_start
-        host_k = self.win_k[:, :, lo:hi].float().cpu().numpy().copy()
-        host_v = self.win_v[:, :, lo:hi].float().cpu().numpy().copy()
-        self.offloaded_end = self.pending_end = end
-        self.pending = self.rt.submit(self._insert, host_k, host_v)
+        leaving = []
+        for b, (lo, hi) in enumerate(spans):
+            rows = self.kv.ring_start + self.book.ring_index(np.arange(lo, hi))
+            k, v = self.kv.read(b, rows)
+            leaving.append((_host(k), _host(v)))
+        self.pending = self.rt.submit(self._insert, leaving)
 
-    def _insert(self, host_k: np.ndarray, host_v: np.ndarray):
-        """Background: append rows [B, H, m, d]; returns the dirty pool pages per (seq, head)."""
+    def _insert(self, leaving: list[tuple[np.ndarray, np.ndarray]]) -> list[list[np.ndarray]]:
+        """Background: append each sequence's rows [H, m_b, d]; returns dirty pool pages [B][H]."""
         dirty = []
-        for i, row in enumerate(self.stores):
-            dirty.append([])
-            for j, store in enumerate(row):
-                pages = store.insert(host_k[i, j], host_v[i, j])
-                dirty[-1].append(store.index.table.page_pool[pages] if self.rt.uses_slots else pages)
+        for (k, v), row in zip(leaving, self.stores):
+            dirty.append([self._inserted(s, k[j], v[j]) for j, s in enumerate(row)])
         return dirty
+
+    def _inserted(self, store, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Insert rows [m, d] into one store; returns the changed pages (pool pages for slots)."""
+        if not len(k):
+            return np.zeros(0, np.int64)
+        pages = store.insert(k, v)
+        return store.index.table.page_pool[pages] if self.rt.uses_slots else pages
+
+    # ------------------------------------------------------------------ accounting
+    def device_bytes(self) -> int:
+        return self.kv.nbytes() if self.kv is not None else 0
+
+    def stored_token_heads(self) -> int:
+        return sum(s.n_tokens for row in self.stores or [] for s in row)
+
+    def index_bytes(self) -> int:
+        return sum(s.metadata_bytes() for row in self.stores or [] for s in row)
 
     def close(self) -> None:
         """Wait for background work and give the stores' host pages back."""
@@ -221,3 +289,8 @@ class SparseLayer(CacheLayerMixin):
             for store in row:
                 store.release()
         self.stores = None
+
+
+def _host(x: torch.Tensor) -> np.ndarray:
+    """A float32 host copy (the stores' format) of a device tensor."""
+    return x.float().cpu().numpy().copy()

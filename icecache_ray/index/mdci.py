@@ -72,6 +72,7 @@ class MDCIIndex:
         self.n_tokens = 0
         self.max_sq_norm = 0.0
         self._radius_cache: tuple | None = None
+        self._token_loc: tuple | None = None  # (n_tokens, token -> flat page row), see token_locations
         self._insert_centres: tuple | None = None
         rng = np.random.default_rng(config.seed)
         direction = rng.standard_normal(head_dim + 1).astype(np.float32)
@@ -318,6 +319,33 @@ class MDCIIndex:
             n_scored=int(self.table.page_count[candidates].sum()),
         )
 
+    def select_fast(self, qs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The decode hot path: :meth:`query` in one numba call (``kernels.mdci.select_pages``).
+
+        qs: [H, head_dim] C-contiguous float32, finite (not re-validated here); k > 0.
+        Returns (index pages, pool pages, valid rows), each [min(k, n_pages)], ranked like
+        :meth:`query` (which it falls back to for the ``interleave`` rule and rare widenings).
+        """
+        if self.n_pages == 0:
+            empty = np.zeros(0, np.int32)
+            return empty, empty, empty
+        chosen, ok = np.zeros(0, np.int64), self.config.gqa != "interleave"
+        if ok:
+            snap = self.routing.snapshot()
+            width = self.config.beam.clusters(self.n_clusters)
+            t = self.table
+            chosen, ok = K.select_pages(
+                qs, t.cluster_keys, self._node_slack(snap),
+                snap.cluster, snap.block_start, snap.child_start, snap.child_end,
+                int(math.ceil(width * self.config.beam.upper_factor)), width, self.n_clusters, self.n_pages,
+                t.cluster_first_page, t.page_next, t.pool.pages, t.page_pool, t.page_count,
+                self.scale, self.config.page_score == "mass", self.config.gqa == "max", int(k),
+            )
+        if not ok:
+            result = self.query(qs, k)
+            return result.pages, result.pool_pages, result.counts
+        return chosen, self.table.page_pool[chosen], self.table.page_count[chosen]
+
     def _candidate_pages(self, qs: np.ndarray, k: int) -> np.ndarray:
         """Pages of the clusters chosen by the beam (widened until they hold >= k pages)."""
         if k >= self.n_pages:
@@ -328,7 +356,7 @@ class MDCIIndex:
         nodes, scores = K.route_clusters(
             qs,
             self.table.cluster_keys,
-            self._node_radius(snap) * np.float32(self.config.radius_weight),
+            self._node_slack(snap),
             snap.cluster,
             snap.block_start,
             snap.child_start,
@@ -351,17 +379,29 @@ class MDCIIndex:
         rest = np.setdiff1d(np.arange(self.n_clusters), np.concatenate([union, scored]))
         return np.concatenate([union, scored, rest]).astype(np.int64)
 
-    def _node_radius(self, snap) -> np.ndarray:
-        """Subtree radius of every routing node ([R] float32), cached until the next insert."""
+    def _node_slack(self, snap) -> np.ndarray:
+        """radius_weight x subtree radius of every routing node ([R] float32), cached until the next insert."""
         if self._radius_cache is None or self._radius_cache[0] is not snap:
             radius = K.subtree_radius(
                 self.table.cluster_keys, self.table.cluster_radius, snap.cluster,
                 snap.block_start, snap.child_start, snap.child_end,
             )
-            self._radius_cache = (snap, radius)
+            self._radius_cache = (snap, radius * np.float32(self.config.radius_weight))
         return self._radius_cache[1]
 
     # ------------------------------------------------------------------ introspection
+    def token_locations(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index page, row in page) of each token id in ``tokens`` [n]; the inverse map is
+        cached until the next insert."""
+        if self._token_loc is None or self._token_loc[0] != self.n_tokens:
+            table = self.table.page_tokens[: self.n_pages]
+            flat = np.full(self.n_tokens, -1, np.int64)
+            where = np.flatnonzero(table.reshape(-1) >= 0)
+            flat[table.reshape(-1)[where]] = where
+            self._token_loc = (self.n_tokens, flat)
+        flat = self._token_loc[1][tokens]
+        return flat // self.page_size, flat % self.page_size
+
     def token_pages(self) -> np.ndarray:
         """Index page holding each token. Returns [n_tokens] int32 (every token is in exactly one page)."""
         return self.table.token_pages(self.n_tokens)

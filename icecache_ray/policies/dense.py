@@ -57,6 +57,10 @@ class DenseStore:
     def metadata_bytes(self) -> int:
         return self.page_min.nbytes + self.page_max.nbytes
 
+    def rows(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """K, V rows [n, d] of middle tokens ``tokens`` [n]."""
+        return self.keys[tokens], self.values[tokens]
+
     def release(self) -> None:
         self.__init__(self.head_dim, self.page_size)
 

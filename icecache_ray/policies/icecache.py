@@ -27,6 +27,22 @@ class IndexStore:
     def metadata_bytes(self) -> int:
         return self.index.metadata_bytes()
 
+    def select_pages(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Decode hot path: (index pages, pool pages, valid rows) of the top-k pages for
+        queries [H, d] (contiguous float32); see ``MDCIIndex.select_fast``."""
+        return self.index.select_fast(queries, k)
+
+    def tokens_of(self, pages: np.ndarray) -> np.ndarray:
+        """Middle-token ids held by index pages [k] (for layer reuse)."""
+        tokens = self.index.table.page_tokens[pages]
+        return tokens[tokens >= 0].astype(np.int64)
+
+    def rows(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """K, V rows [n, d] of middle tokens ``tokens`` [n], read from the pool."""
+        page, slot = self.index.token_locations(tokens)
+        rows = self.index.table.pool.pages[self.index.table.page_pool[page], :, slot]  # [n, 2, d]
+        return rows[:, 0], rows[:, 1]
+
     def release(self) -> None:
         self.index.release()
 
