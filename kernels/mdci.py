@@ -368,3 +368,45 @@ def select_pages(
     token_scores = score_pages(qs, pool_pages, page_pool, page_count, candidates)
     values = page_log_values(token_scores, scale, use_mass)
     return candidates[merge_top_pages(values, k, use_max)], True
+
+
+@njit(cache=True)
+def plan_slots(held: np.ndarray, held_count: np.ndarray, pool_pages: np.ndarray, counts: np.ndarray) -> tuple:
+    """Diff a selection against the pages resident in one (sequence, KV head)'s slots, in place.
+
+    held: [S] int64 pool page per slot (-1 = none); held_count: [S] int64 valid rows per slot;
+    pool_pages / counts: [k <= S] the selection. Slots of pages no longer wanted are freed, missing
+    pages take the lowest free slots in selection order, and every slot's count is set (0 when
+    unused). Returns (missing pages [m] int64, their slots [m] int64). Reference: ``SlotTable.plan_ref``.
+    """
+    n_slots, k = held.shape[0], pool_pages.shape[0]
+    wanted_slot = np.full(k, -1, np.int64)
+    for s in range(n_slots):
+        found = -1
+        for i in range(k):
+            if held[s] >= 0 and pool_pages[i] == held[s]:
+                found = i
+                break
+        if found < 0:
+            held[s] = -1
+            held_count[s] = 0
+        else:
+            wanted_slot[found] = s
+            held_count[s] = counts[found]
+    n_missing = 0
+    for i in range(k):
+        if wanted_slot[i] < 0:
+            n_missing += 1
+    missing = np.empty(n_missing, np.int64)
+    slots = np.empty(n_missing, np.int64)
+    m, s = 0, 0
+    for i in range(k):
+        if wanted_slot[i] < 0:
+            while held[s] >= 0:
+                s += 1
+            held[s] = pool_pages[i]
+            held_count[s] = counts[i]
+            missing[m] = pool_pages[i]
+            slots[m] = s
+            m += 1
+    return missing, slots

@@ -16,12 +16,12 @@ COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_la
 def _model(kind="llama", **extra):
     torch.manual_seed(0)
     if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(**COMMON, **extra)).eval()
+        return LlamaForCausalLM(LlamaConfig(**{**COMMON, **extra})).eval()
     if kind == "mistral":
-        return MistralForCausalLM(MistralConfig(**COMMON, sliding_window=None, **extra)).eval()
+        return MistralForCausalLM(MistralConfig(**{**COMMON, "sliding_window": None, **extra})).eval()
     if kind == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**COMMON, **extra)).eval()
-    return Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=24, **extra)).eval()
+        return Qwen2ForCausalLM(Qwen2Config(**{**COMMON, **extra})).eval()
+    return Qwen3ForCausalLM(Qwen3Config(**{**COMMON, "head_dim": 24, **extra})).eval()
 
 
 def _decode_logits(model, ids, cache, steps):
@@ -160,3 +160,75 @@ def test_cuda_budget_covering_every_page_equals_dense_attention():
     cache = _assert_matches_dense(model, ids, IceCacheConfig(budget=1024), 30)
     total = cache.stats.total()
     assert total.pages_loaded > 0 and total.bytes_loaded > 0
+
+
+def _batched_logits(model, prompts, cache, forced):
+    """Left-padded batch of ``prompts`` (lists of ids), then teacher-forced decoding of
+    ``forced`` [B, steps - 1]; returns logits [steps, B, vocab]."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = []
+    with torch.inference_mode():
+        out.append(model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1])
+        for t in range(forced.shape[1]):
+            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
+            pos = pos[:, -1:] + 1
+            out.append(model(forced[:, t : t + 1], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("policy", ["icecache", "quest", "streaming"])
+def test_batch_of_different_lengths_equals_one_by_one(policy):
+    """Each sequence of a left-padded batch gets its own sink, window, stores and slots: the
+    logits equal running every prompt alone (same tokens fed), with selection active (budget 64)."""
+    model = _model()
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, 96, (n,), generator=gen).tolist() for n in (300, 170, 45)]
+    cfg = IceCacheConfig(budget=64, policy=policy)
+    steps, singles, tokens = 40, [], []
+    for p in prompts:
+        cache = IceCache(model, cfg)
+        try:
+            logits = _decode_logits(model, torch.tensor([p]), cache, steps)
+        finally:
+            cache.close()
+        singles.append(logits)
+        tokens.append(logits.argmax(-1)[:-1])
+    cache = IceCache(model, cfg)
+    try:
+        batched = _batched_logits(model, prompts, cache, torch.stack(tokens))
+        assert cache.stats.total().pages_selected > 0 or policy == "streaming"
+    finally:
+        cache.close()
+    for b, single in enumerate(singles):
+        torch.testing.assert_close(batched[:, b], single, atol=2e-4, rtol=2e-4)
+
+
+def test_right_padding_is_rejected_with_a_clear_error():
+    model = _model()
+    ids = torch.randint(1, 96, (2, 80), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones(2, 80, dtype=torch.long)
+    mask[1, -5:] = 0
+    cache = IceCache(model, IceCacheConfig(budget=64))
+    try:
+        with pytest.raises(ValueError, match="left padding"), torch.inference_mode():
+            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("reuse", [2, 3])
+def test_layer_reuse_with_full_budget_equals_dense(reuse):
+    """IceCache(r): reuse layers attend over their own K/V of the anchor's tokens; with a budget
+    covering everything that is still exact dense attention."""
+    model = _model(num_hidden_layers=6)
+    ids = torch.randint(0, 96, (1, 300), generator=torch.Generator().manual_seed(9))
+    _assert_matches_dense(model, ids, IceCacheConfig(budget=1024, layer_reuse=reuse), 30)
+
+
+def test_chunked_prefill_equals_one_call():
+    model = _model()
+    ids = torch.randint(0, 96, (1, 300), generator=torch.Generator().manual_seed(10))
+    _assert_matches_dense(model, ids, IceCacheConfig(budget=1024, prefill_chunk=64), 10)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from icecache_ray.kernels import mdci as K
+
 
 class SlotTable:
     """``slot_page[b, h, s]``: pool page held by slot s (-1 = none); ``slot_count``: its valid rows."""
@@ -30,10 +32,15 @@ class SlotTable:
             self.slot_count[b, h, stale] = 0
 
     def plan(self, b: int, h: int, pool_pages: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Make exactly ``pool_pages`` [k <= n_slots] resident with valid rows ``counts`` [k].
+        """Make exactly ``pool_pages`` [k <= n_slots] (distinct) resident with valid rows ``counts``.
 
         Returns (pages to copy [m], their target slots [m]); every other slot ends with count 0.
+        (The numba kernel ``plan_slots``; :meth:`plan_ref` is its readable twin.)
         """
+        return K.plan_slots(self.slot_page[b, h], self.slot_count[b, h], pool_pages.astype(np.int64), counts.astype(np.int64))
+
+    def plan_ref(self, b: int, h: int, pool_pages: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Reference implementation of :meth:`plan` (NumPy)."""
         held = self.slot_page[b, h]
         keep = np.isin(held, pool_pages)
         missing = ~np.isin(pool_pages, held[keep])
