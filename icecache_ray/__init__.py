@@ -5,14 +5,14 @@ Importing the package changes nothing in transformers; heavy modules load on fir
 
 from __future__ import annotations
 
-__all__ = ["generate", "IceCache", "IceCacheConfig", "IndexConfig"]
+__all__ = ["generate", "generate_batch", "IceCache", "IceCacheConfig", "IndexConfig"]
 
 
 def __getattr__(name: str):
-    if name == "generate":
-        from icecache_ray.engine.generate import generate
+    if name in ("generate", "generate_batch"):
+        from icecache_ray.engine import generate
 
-        return generate
+        return getattr(generate, name)
     if name == "IceCache":
         from icecache_ray.engine.cache import IceCache
 

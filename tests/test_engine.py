@@ -232,3 +232,18 @@ def test_chunked_prefill_equals_one_call():
     model = _model()
     ids = torch.randint(0, 96, (1, 300), generator=torch.Generator().manual_seed(10))
     _assert_matches_dense(model, ids, IceCacheConfig(budget=1024, prefill_chunk=64), 10)
+
+
+def test_generate_batch_matches_single_prompts_and_validates_each_prompt():
+    from icecache_ray import generate, generate_batch
+
+    model = _model()
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(1, 96, (n,), generator=gen).tolist() for n in (260, 120)]
+    cfg = IceCacheConfig(budget=1024)  # covers everything: greedy tokens are exactly dense ones
+    batch = generate_batch(model, prompts, cfg, max_new_tokens=8)
+    for p, result in zip(prompts, batch):
+        single = generate(model, p, cfg, max_new_tokens=8)
+        assert result.token_ids == single.token_ids and result.prompt_tokens == len(p)
+    with pytest.raises(ValueError, match="prompt 1: .*empty"):
+        generate_batch(model, [prompts[0], []], cfg, max_new_tokens=8)

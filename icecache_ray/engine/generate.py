@@ -33,11 +33,11 @@ def middle_truncate(ids: list[int], limit: int) -> list[int]:
 
 
 def prepare_prompt(model, prompt_ids, max_new_tokens: int, truncate: bool) -> tuple[list[int], bool]:
-    """Validate the prompt before any work: non-empty, fits the context (or opt-in truncation)."""
+    """Validate one prompt before any work: non-empty, fits the context (or opt-in truncation)."""
     ids = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
     if ids and isinstance(ids[0], list):
         if len(ids) != 1:
-            raise ValueError(f"prompt_ids: one prompt at a time here, got a batch of {len(ids)}")
+            raise ValueError(f"prompt_ids: one prompt here, got a batch of {len(ids)} (use generate_batch)")
         ids = ids[0]
     if not ids:
         raise ValueError("prompt_ids: the prompt is empty")
@@ -57,6 +57,18 @@ def prepare_prompt(model, prompt_ids, max_new_tokens: int, truncate: bool) -> tu
     return ids, False
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [B, T], attention_mask [B, T]) with every prompt right-aligned."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    return ids, mask
+
+
+def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens
+
+
 def generate(
     model,
     prompt_ids,
@@ -68,25 +80,51 @@ def generate(
 ) -> GenerationResult:
     """Greedy generation of ``max_new_tokens`` after ``prompt_ids`` ([T] or [1, T]) with the
     configured policy and budget. The model's attention implementation is restored afterwards."""
+    return generate_batch(model, [prompt_ids], config, max_new_tokens, tokenizer, eos_token_id, truncate)[0]
+
+
+def generate_batch(
+    model,
+    prompts: list,
+    config: IceCacheConfig | None = None,
+    max_new_tokens: int = 64,
+    tokenizer=None,
+    eos_token_id: int | None = None,
+    truncate: bool = False,
+) -> list[GenerationResult]:
+    """Greedy generation for several prompts of any lengths in one batch (left padding; each
+    sequence has its own sink, window, stores and slots, so results equal one-by-one runs).
+    Every prompt is validated before any work. ``stats`` are the batch's (shared by its results)."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts: expected a non-empty list of token-id lists")
     config = config or IceCacheConfig()
-    ids, truncated = prepare_prompt(model, prompt_ids, max_new_tokens, truncate)
+    prepared = []
+    for i, p in enumerate(prompts):
+        try:
+            prepared.append(prepare_prompt(model, p, max_new_tokens, truncate))
+        except ValueError as exc:
+            raise ValueError(f"prompt {i}: {exc}") from None
+    eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+    pad = eos if eos is not None else 0
+    input_ids, mask = left_padded([ids for ids, _ in prepared], pad)
     previous = model.config._attn_implementation
     cache = IceCache(model, config)
-    input_ids = torch.tensor([ids], device=model.device)
-    eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
             out = model.generate(
-                input_ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=eos, pad_token_id=eos if eos is not None else 0,
+                input_ids.to(model.device), attention_mask=mask.to(model.device), past_key_values=cache,
+                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
             )
         wall = time.perf_counter() - t0
         stats = cache.stats.summary() if cache.stats is not None else {}
     finally:
         cache.close()
         model.set_attn_implementation(previous)
-    new = out[0, len(ids) :].tolist()
-    stats.update({"wall_s": wall, "generated_tokens": len(new)})
-    text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
-    return GenerationResult(token_ids=new, text=text, prompt_tokens=len(ids), truncated=truncated, stats=stats)
+    results = []
+    for b, (ids, truncated) in enumerate(prepared):
+        new = _until_eos(out[b, input_ids.shape[1] :].tolist(), eos)
+        text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
+        row_stats = dict(stats, wall_s=wall, generated_tokens=len(new), batch_size=len(prepared))
+        results.append(GenerationResult(token_ids=new, text=text, prompt_tokens=len(ids), truncated=truncated, stats=row_stats))
+    return results
