@@ -1,0 +1,116 @@
+"""The summarization job: outputs, bad input, resume, the Ray engine (tiny local model)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from icecache_ray.jobs.outputs import OutputDir
+from icecache_ray.jobs.summarize import main, run, parse_args
+
+WORDS = "the quick brown fox jumps over the lazy dog and runs far away into the woods"
+
+
+def _doc(i: int, words: int = 120) -> str:
+    w = WORDS.split()
+    return " ".join(w[(i + j) % len(w)] for j in range(words))
+
+
+def _args(tiny_model_dir, inputs, out, *extra):
+    return [
+        "--input", *map(str, inputs), "--output", str(out), "--model", str(tiny_model_dir),
+        "--engine", "local", "--budget", "64", "--max-new-tokens", "6", "--threads", "1", *extra,
+    ]
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_job_writes_parquet_errors_and_run_json(tiny_model_dir, tmp_path):
+    src = _jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": _doc(i)} for i in range(3)])
+    assert main(_args(tiny_model_dir, [src], tmp_path / "out")) == 0
+    table = OutputDir(tmp_path / "out").read_all()
+    assert sorted(table["id"].to_pylist()) == ["d0", "d1", "d2"]
+    for col in ("summary", "prompt_tokens", "generated_tokens", "truncated", "wall_s", "select_ms_per_step", "hit_rate"):
+        assert col in table.column_names
+    assert all(n > 0 for n in table["generated_tokens"].to_pylist())
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert (info["documents"], info["ok"], info["failed"], info["skipped_done"]) == (3, 3, 0, 0)
+    assert info["options"]["policy"] == "icecache" and info["wall_s"] > 0
+
+
+def test_bad_inputs_are_reported_and_good_documents_still_summarized(tiny_model_dir, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "good.txt").write_text(_doc(1))
+    (folder / "empty.txt").write_text("   \n")
+    (folder / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 20)
+    (folder / "scan.pdf").write_bytes(b"%PDF-1.4")
+    _jsonl(folder / "nocol.jsonl", [{"id": "x", "body": "no text column"}])
+    (folder / "huge.txt").write_text(_doc(2, words=3000))  # far beyond the tiny model's 1024 tokens
+    out = tmp_path / "out"
+    assert main(_args(tiny_model_dir, [folder, tmp_path / "missing.jsonl"], out)) == 0
+    table = OutputDir(out).read_all()
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert set(rows) == {"good", "huge"}
+    assert rows["huge"]["truncated"] and rows["huge"]["document_tokens"] > 1024 and rows["huge"]["prompt_tokens"] <= 1024 - 6
+    assert not rows["good"]["truncated"]
+    reasons = [json.loads(line)["reason"] for line in (out / "errors.jsonl").read_text().splitlines()]
+    for expected in ("empty text", "not valid UTF-8", "unsupported file type '.pdf'", "missing column(s) ['text']", "path does not exist"):
+        assert any(expected in r for r in reasons), (expected, reasons)
+    info = json.loads((out / "run.json").read_text())
+    assert info["ok"] == 2 and info["failed"] == 5 and info["truncated"] == 1
+
+
+def test_bad_options_fail_before_any_work(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--budget"):
+        run(parse_args(_args(tiny_model_dir, [tmp_path], tmp_path / "out", "--budget", "10")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_run_resumes_with_every_document_exactly_once(tiny_model_dir, tmp_path):
+    src = _jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": _doc(i, 200)} for i in range(12)])
+    out = tmp_path / "out"
+    args = _args(tiny_model_dir, [src], out)
+    args[args.index("--max-new-tokens") + 1] = "60"
+    proc = subprocess.Popen([sys.executable, "-m", "icecache_ray.jobs.summarize", *args], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("part-*.parquet")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # the harshest interruption: no cleanup at all
+    proc.wait()
+    first = set(OutputDir(out).done_ids())
+    assert 1 <= len(first) < 12
+    assert main(args) == 0
+    ids = OutputDir(out).read_all()["id"].to_pylist()
+    assert sorted(ids) == sorted(f"d{i}" for i in range(12))  # each exactly once
+    info = json.loads((out / "run.json").read_text())
+    assert info["skipped_done"] == len(first) and info["ok"] == 12 - len(first)
+
+
+def test_ray_engine_replicas_summarize_like_the_local_engine(tiny_model_dir, tmp_path):
+    """Two Ray replicas (local Ray on loopback) produce the same summaries as the in-process run."""
+    ray = pytest.importorskip("ray")
+    src = _jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": _doc(i)} for i in range(4)])
+    assert main(_args(tiny_model_dir, [src], tmp_path / "local")) == 0
+    args = _args(tiny_model_dir, [src], tmp_path / "ray")
+    args[args.index("--engine") + 1] = "ray"
+    from icecache_ray import ray_utils
+
+    ray_utils.connect(num_cpus=2, object_store_memory=80 * 1024**2)
+    try:
+        assert main(args + ["--replicas", "2"]) == 0
+    finally:
+        ray.shutdown()
+    local = {r["id"]: r["summary"] for r in OutputDir(tmp_path / "local").read_all().to_pylist()}
+    remote = {r["id"]: r["summary"] for r in OutputDir(tmp_path / "ray").read_all().to_pylist()}
+    assert remote == local
+    info = json.loads((tmp_path / "ray" / "run.json").read_text())
+    assert info["engine"] == "ray" and info["replicas"] == 2
