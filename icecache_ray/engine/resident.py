@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from icecache_ray.kernels.bulk_copy import make_copier
+
 
 class ResidentKV:
     """Static device K/V of one layer for a batch (see module docstring)."""
@@ -22,6 +24,7 @@ class ResidentKV:
         shape = (batch, heads, self.length, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self._copier = None  # made on first load (needs the pool's page shape)
 
     @property
     def slot_start(self) -> int:
@@ -57,13 +60,13 @@ class ResidentKV:
         base = ((b * heads + h) * self.length + self.slot_start + slots * page_size)[:, None]
         return torch.from_numpy((base + np.arange(page_size)[None, :]).reshape(-1)).to(self.keys.device)
 
-    def load(self, rows: torch.Tensor, staged: torch.Tensor) -> None:
-        """Scatter a staged gather [m, 2, P, d] (K at 0, V at 1) into flat ``rows``: one copy to
-        the device (asynchronous from pinned memory on CUDA) and one scatter per tensor."""
-        d = self.keys.shape[-1]
-        staged = staged.to(self.keys.device, self.keys.dtype, non_blocking=True)
-        self.keys.view(-1, d).index_copy_(0, rows, staged[:, 0].reshape(-1, d))
-        self.values.view(-1, d).index_copy_(0, rows, staged[:, 1].reshape(-1, d))
+    def load(self, pool, pages: np.ndarray, rows: torch.Tensor) -> int:
+        """Copy pool pages [m] into flat slot ``rows`` [m * P]: one gather, one copy to the device
+        (asynchronous from pinned memory with CuPy on CUDA), one scatter per tensor.
+        Returns bytes moved."""
+        if self._copier is None:
+            self._copier = make_copier(self.keys.device, pool.layout.page_shape)
+        return self._copier.copy(pool, pages, rows, self.keys, self.values)
 
     def attend(self, query: torch.Tensor, mask: np.ndarray, scaling: float) -> torch.Tensor:
         """query: [B, Hq, n, d]; mask: [B, H, n, L] bool (True = attend). Returns [B, n, Hq, d].

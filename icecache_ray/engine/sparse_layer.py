@@ -198,9 +198,8 @@ class SparseLayer(CacheLayerMixin):
             hs = np.concatenate([np.full(len(p[2]), p[1]) for p in plans])
             slots = np.concatenate([p[3] for p in plans])
             rows = self.kv.page_rows(bs, hs, slots, self.rt.config.page_size)
-            self.kv.load(rows, torch.from_numpy(self.rt.pool.read(pages)))
+            stats.bytes_loaded += self.kv.load(self.rt.pool, pages, rows)
             stats.pages_loaded += len(pages)
-            stats.bytes_loaded += len(pages) * self.rt.pool.layout.page_bytes
         stats.load_ms += 1e3 * (time.perf_counter() - t0)
 
     def _select_tokens(self, host_q: np.ndarray, stats: StepStats) -> None:
