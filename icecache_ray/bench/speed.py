@@ -44,7 +44,35 @@ def _parse(argv):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default=None)
     p.add_argument("--model", default=None)
+    p.add_argument("--random-weights", action="store_true",
+                   help="SmolLM2-135M's architecture with random weights and random prompt tokens (for machines "
+                        "without the bundled model; timings are valid, tokens are not)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return p.parse_args(argv)
+
+
+# SmolLM2-135M-Instruct's shape (its config.json), for --random-weights.
+SMOLLM2_SHAPE = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+)
+
+
+def _model_and_prompt(args):
+    dtype = getattr(torch, args.dtype)
+    if args.random_weights:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).eval().to(args.device, dtype)
+        model.set_attn_implementation("sdpa")
+        ids = torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (1, args.length), generator=torch.Generator().manual_seed(0))
+        return model, ids.to(args.device)
+    model, tok = load_model(args.model, dtype=dtype)
+    model.to(args.device)
+    return model, essay_prompt_ids(tok, args.length, seed=0).to(args.device)
 
 
 def _decode(model, ids: torch.Tensor, cache, steps: int) -> tuple[list[float], list[int], int]:
@@ -62,8 +90,8 @@ def _decode(model, ids: torch.Tensor, cache, steps: int) -> tuple[list[float], l
             t0 = time.perf_counter()
             logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
             token = logits.argmax(-1, keepdim=True)
+            out.append(int(token))  # .item() synchronises the device: the step is really done
             times.append(time.perf_counter() - t0)
-            out.append(int(token))
     return times, out, prefill_peak
 
 
@@ -105,8 +133,7 @@ def _configs(args) -> list[tuple[str, IceCacheConfig | None]]:
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
-    ids = essay_prompt_ids(tok, args.length, seed=0)
+    model, ids = _model_and_prompt(args)
     rows = []
     for name, cfg in _configs(args):
         cache = DynamicCache() if cfg is None else IceCache(model, cfg)
@@ -123,7 +150,9 @@ def run(args) -> dict:
     for r in rows[1:]:
         if r["config"].startswith("icecache"):
             summary[r["config"]]["tokens_equal_full"] = r["tokens"] == rows[0]["tokens"]
-    return {"length": args.length, "torch_threads": torch.get_num_threads(), "rows": rows, "summary": summary}
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} torch threads)"
+    return {"length": args.length, "device": device, "dtype": args.dtype, "random_weights": args.random_weights,
+            "date": time.strftime("%Y-%m-%d"), "rows": rows, "summary": summary}
 
 
 def main(argv=None) -> int:
