@@ -250,9 +250,13 @@ def page_log_values(token_scores: np.ndarray, scale: float, use_mass: bool) -> n
     token_scores: [H, m, P] q.k (-inf in empty slots). Logits ``scale * q.k`` are normalised per
     head over all candidate tokens; a page's value is its best token's log-probability, or with
     ``use_mass`` the log of its total probability. Returns [H, m] float64.
+    One exp per token: page masses are taken relative to the head's peak logit (a page whose mass
+    underflows that way is recomputed relative to its own best token).
     """
     n_heads, m, psize = token_scores.shape
     out = np.empty((n_heads, m))
+    mass = np.empty(m)
+    best = np.empty(m)
     for h in range(n_heads):
         peak = -np.inf
         for i in range(m):
@@ -262,24 +266,28 @@ def page_log_values(token_scores: np.ndarray, scale: float, use_mass: bool) -> n
                     peak = v
         total = 0.0
         for i in range(m):
+            acc, top = 0.0, -np.inf
             for s in range(psize):
                 if token_scores[h, i, s] != -np.inf:
-                    total += np.exp(token_scores[h, i, s] * scale - peak)
-        lse = peak + np.log(total)
+                    v = token_scores[h, i, s] * scale
+                    top = max(top, v)
+                    acc += np.exp(v - peak)
+            mass[i], best[i] = acc, top
+            total += acc
+        log_total = peak + np.log(total)
         for i in range(m):
-            best = -np.inf
-            for s in range(psize):
-                v = token_scores[h, i, s] * scale
-                if v > best:
-                    best = v
-            if not use_mass or best == -np.inf:
-                out[h, i] = best - lse
-                continue
-            acc = 0.0
-            for s in range(psize):
-                if token_scores[h, i, s] != -np.inf:
-                    acc += np.exp(token_scores[h, i, s] * scale - best)
-            out[h, i] = best + np.log(acc) - lse
+            if best[i] == -np.inf:
+                out[h, i] = -np.inf
+            elif not use_mass:
+                out[h, i] = best[i] - log_total
+            elif mass[i] > 0.0:
+                out[h, i] = np.log(mass[i]) + peak - log_total
+            else:
+                acc = 0.0
+                for s in range(psize):
+                    if token_scores[h, i, s] != -np.inf:
+                        acc += np.exp(token_scores[h, i, s] * scale - best[i])
+                out[h, i] = best[i] + np.log(acc) - log_total
     return out
 
 

@@ -212,7 +212,7 @@ def test_fused_select_equals_step_by_step_query(pool, gqa, page_score, k):
         for _ in range(5):
             q = rng.standard_normal((3, D)).astype(np.float32)
             reference = index.query(q, k)
-            pool_pages, counts = index.select_fast(q, k)
+            _, pool_pages, counts = index.select_fast(q, k)
             np.testing.assert_array_equal(pool_pages, reference.pool_pages)
             np.testing.assert_array_equal(counts, reference.counts)
         index.insert(keys[2000 + 500 * step : 2500 + 500 * step], values[2000 + 500 * step : 2500 + 500 * step])
