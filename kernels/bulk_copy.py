@@ -6,7 +6,9 @@ torch, ``index_copy_`` into the slot rows (on CUDA the copy is a synchronous-per
 staging buffer, one ``cudaMemcpyAsync`` moves it to a device staging buffer on a dedicated CuPy
 stream, and the scatter runs on that same stream (torch sees it as an external stream); the
 current torch stream then waits on an event, so attention never reads a half-copied slot and
-the host never blocks on the copy. Both expose the same ``copy(pool, pages, rows, keys, values)``.
+the host never blocks on the copy. Both expose the same ``copy(pool, pages, rows, flat)``: pages
+[m] land in the rows [m * 2 * P] (K rows then V rows of each page, as the gather lays them out)
+of ``flat``, the [rows, d] view of a device K/V buffer.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ class HostPageCopier:
 
     name = "host"
 
-    def copy(self, pool, pages: np.ndarray, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> int:
-        """pages: [m] pool page ids; rows: [m * P] flat rows of ``keys.view(-1, d)``.
+    def copy(self, pool, pages: np.ndarray, rows: torch.Tensor, flat: torch.Tensor) -> int:
+        """pages: [m] pool page ids; rows: [m * 2 * P] rows of ``flat`` [N, d].
         Returns bytes moved host -> device."""
         staged = torch.from_numpy(pool.read(pages))
-        _scatter(staged.to(keys.device, keys.dtype, non_blocking=False), rows, keys, values)
+        flat.index_copy_(0, rows, staged.view(-1, staged.shape[-1]).to(flat.device, flat.dtype))
         return staged.numel() * staged.element_size()
 
 
@@ -53,7 +55,9 @@ class CupyPageCopier:
             self.staging = cp.empty((capacity_pages,) + self.page_shape, cp.float32)
         self.capacity = capacity_pages
 
-    def copy(self, pool, pages: np.ndarray, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> int:
+    def copy(self, pool, pages: np.ndarray, rows: torch.Tensor, flat: torch.Tensor) -> int:
+        if pool.layout.dtype != "float32":
+            raise ValueError(f"CupyPageCopier needs a float32 pool, got {pool.layout.dtype}")
         m = len(pages)
         if m > self.capacity:
             self.stream.synchronize()  # the old buffers may still be in use by a queued copy
@@ -65,15 +69,9 @@ class CupyPageCopier:
         dst.data.copy_from_host_async(self.pinned[:m].ctypes.data, nbytes, stream=self.stream)  # the one copy
         with torch.cuda.stream(self.torch_stream):
             staged = torch.as_tensor(dst, device=self.device)
-            _scatter(staged.to(keys.dtype), rows, keys, values)  # the scatter, queued on the same stream
+            flat.index_copy_(0, rows, staged.view(-1, staged.shape[-1]).to(flat.dtype))  # the scatter, same stream
         torch.cuda.current_stream(self.device).wait_stream(self.torch_stream)
         return nbytes
-
-
-def _scatter(staged: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-    d = keys.shape[-1]
-    keys.view(-1, d).index_copy_(0, rows, staged[:, 0].reshape(-1, d))
-    values.view(-1, d).index_copy_(0, rows, staged[:, 1].reshape(-1, d))
 
 
 def make_copier(device: torch.device, page_shape: tuple[int, int, int]):

@@ -1,9 +1,11 @@
 """The device-resident K/V of one sparse layer: one static buffer per layer, three regions.
 
-``keys`` / ``values``: [B, H, L, d] with L = sink | retrieved slots (R pages of P rows) | window
-ring. Nothing is concatenated or reallocated during decode: pages are copied into slot rows with
-one ``index_copy_`` per tensor, new tokens are written into ring rows, and a boolean mask says
-which rows each query attends (keys are post-RoPE, so row order is irrelevant to attention).
+``kv``: [2, B, H, L, d] (K at 0, V at 1) with L = sink | retrieved slots (R pages of P rows) |
+window ring. Nothing is concatenated or reallocated during decode: every write (new tokens, pages
+copied into slots) is one ``index_copy_`` of K and V together into the flat row view, and a
+boolean mask says which rows each query attends (keys are post-RoPE, so row order is irrelevant
+to attention). Decode steps are dominated by per-op overhead at this size, so each operation
+touches K and V at once and row arithmetic is done in NumPy.
 """
 
 from __future__ import annotations
@@ -20,11 +22,18 @@ class ResidentKV:
 
     def __init__(self, batch: int, heads: int, sink: int, slot_rows: int, ring: int, head_dim: int, dtype, device) -> None:
         self.sink, self.slot_rows, self.ring = sink, slot_rows, ring
-        self.length = sink + slot_rows + ring
-        shape = (batch, heads, self.length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.batch, self.heads, self.length = batch, heads, sink + slot_rows + ring
+        self.kv = torch.zeros((2, batch, heads, self.length, head_dim), dtype=dtype, device=device)
+        self.flat = self.kv.view(-1, head_dim)  # row ((t * B + b) * H + h) * L + l
         self._copier = None  # made on first load (needs the pool's page shape)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.kv[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.kv[1]
 
     @property
     def slot_start(self) -> int:
@@ -35,38 +44,37 @@ class ResidentKV:
         return self.sink + self.slot_rows
 
     def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
+        return self.kv.numel() * self.kv.element_size()
 
-    def write(self, b: int, rows: np.ndarray, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Rows ``rows`` [n] (buffer positions) of sequence b get k, v [H, n, d]."""
-        index = torch.as_tensor(rows, device=self.keys.device)
-        self.keys[b].index_copy_(1, index, k.to(self.keys.dtype))
-        self.values[b].index_copy_(1, index, v.to(self.values.dtype))
+    def rows(self, b: np.ndarray, h: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Flat rows [2, ...] (K rows then V rows) of buffer positions ``pos`` of (b, h); the
+        three arrays broadcast together."""
+        base = (b * self.heads + h) * self.length + pos
+        return np.stack([base, base + self.batch * self.heads * self.length])
 
-    def write_head(self, b: int, h: int, rows: np.ndarray, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Rows ``rows`` [n] of (sequence b, KV head h) get k, v [n, d]."""
-        index = torch.as_tensor(rows, device=self.keys.device)
-        self.keys[b, h].index_copy_(0, index, k.to(self.keys.device, self.keys.dtype))
-        self.values[b, h].index_copy_(0, index, v.to(self.values.device, self.values.dtype))
+    def write(self, rows: np.ndarray, kv: torch.Tensor) -> None:
+        """``kv``: [2, ...rows.shape[1:], d] (K, V) into flat ``rows`` [2, ...]."""
+        index = torch.from_numpy(np.ascontiguousarray(rows).reshape(-1)).to(self.kv.device)
+        self.flat.index_copy_(0, index, kv.reshape(-1, kv.shape[-1]).to(self.kv.dtype))
 
-    def read(self, b: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [H, n, d] of buffer rows ``rows`` of sequence b."""
-        index = torch.as_tensor(rows, device=self.keys.device)
-        return self.keys[b].index_select(1, index), self.values[b].index_select(1, index)
+    def read(self, rows: np.ndarray) -> torch.Tensor:
+        """[2, ...rows.shape[1:], d] (K, V) of flat ``rows`` [2, ...]."""
+        index = torch.from_numpy(np.ascontiguousarray(rows).reshape(-1)).to(self.kv.device)
+        return self.flat.index_select(0, index).view(*rows.shape, self.flat.shape[1])
 
     def page_rows(self, b: np.ndarray, h: np.ndarray, slots: np.ndarray, page_size: int) -> torch.Tensor:
-        """Flat row ids (into ``keys.view(-1, d)``) of whole slots: [m * page_size] int64."""
-        heads = self.keys.shape[1]
-        base = ((b * heads + h) * self.length + self.slot_start + slots * page_size)[:, None]
-        return torch.from_numpy((base + np.arange(page_size)[None, :]).reshape(-1)).to(self.keys.device)
+        """Flat rows of whole slots in the order of a pool gather [m, 2, P]: int64 [m * 2 * P]."""
+        pos = self.slot_start + slots[:, None] * page_size + np.arange(page_size)[None, :]  # [m, P]
+        rows = self.rows(b[:, None], h[:, None], pos)  # [2, m, P]
+        return torch.from_numpy(rows.transpose(1, 0, 2).reshape(-1)).to(self.kv.device)
 
     def load(self, pool, pages: np.ndarray, rows: torch.Tensor) -> int:
-        """Copy pool pages [m] into flat slot ``rows`` [m * P]: one gather, one copy to the device
-        (asynchronous from pinned memory with CuPy on CUDA), one scatter per tensor.
+        """Copy pool pages [m] into the slot ``rows`` of :meth:`page_rows`: one gather, one copy to
+        the device (asynchronous from pinned memory with CuPy on CUDA), one scatter.
         Returns bytes moved."""
         if self._copier is None:
-            self._copier = make_copier(self.keys.device, pool.layout.page_shape)
-        return self._copier.copy(pool, pages, rows, self.keys, self.values)
+            self._copier = make_copier(self.kv.device, pool.layout.page_shape)
+        return self._copier.copy(pool, pages, rows, self.flat)
 
     def attend(self, query: torch.Tensor, mask: np.ndarray, scaling: float) -> torch.Tensor:
         """query: [B, Hq, n, d]; mask: [B, H, n, L] bool (True = attend). Returns [B, n, Hq, d].
@@ -74,10 +82,12 @@ class ResidentKV:
         The query heads of a KV head are folded into the query axis ([B, H, g * n, d]), so the
         K/V are never repeated per query head."""
         b, hq, n, d = query.shape
-        h = self.keys.shape[1]
-        g = hq // h
-        q = query.reshape(b, h, g * n, d)
+        g = hq // self.heads
+        q = query.reshape(b, self.heads, g * n, d)
+        if n > 1:  # rows of the folded axis are (group member, position): repeat the mask per member
+            mask = np.tile(mask, (1, 1, g, 1))
         m = torch.from_numpy(mask).to(query.device)
-        m = m[:, :, None].expand(b, h, g, n, self.length).reshape(b, h, g * n, self.length)
-        out = F.scaled_dot_product_attention(q, self.keys, self.values, attn_mask=m, scale=scaling)
-        return out.reshape(b, hq, n, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, self.kv[0], self.kv[1], attn_mask=m, scale=scaling)
+        if n == 1:
+            return out.view(b, 1, hq, d)
+        return out.view(b, hq, n, d).transpose(1, 2)

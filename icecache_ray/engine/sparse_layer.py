@@ -62,6 +62,7 @@ class SparseLayer(CacheLayerMixin):
         self.selected: list[list[np.ndarray]] | None = None  # [B][H] middle-token ids chosen this step
         self.pending: Future | None = None
         self.prefill_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.heads = np.zeros(0, np.int64)  # arange(KV heads), for row arithmetic
         self.prefill_step = False
 
     # ------------------------------------------------------------------ transformers API
@@ -84,10 +85,9 @@ class SparseLayer(CacheLayerMixin):
             raise ValueError(f"a decode step may add at most page_size={self.rt.config.page_size} tokens, got {n}")
         self._settle()
         self.prefill_step = False
-        for b in range(key_states.shape[0]):
-            positions = self.book.length[b] + np.arange(n)
-            rows = self.kv.ring_start + self.book.place(b, positions)
-            self.kv.write(b, rows, key_states[b], value_states[b])
+        ring = np.stack([self.book.place(b, self.book.length[b] + np.arange(n)) for b in range(key_states.shape[0])])  # [B, n]
+        rows = self.kv.rows(np.arange(ring.shape[0])[:, None, None], self.heads[None, :, None], self.kv.ring_start + ring[:, None, :])
+        self.kv.write(rows, torch.stack([key_states, value_states]))
         self.book.length += n
         self.seq_len += n
         return key_states, value_states
@@ -120,12 +120,14 @@ class SparseLayer(CacheLayerMixin):
         self.ret_valid = np.zeros((batch, heads, slot_rows), bool)
         if self.rt.uses_slots and self.anchor is None:
             self.slots = SlotTable(batch, heads, cfg.retrieved_pages, cfg.page_size)
+        self.heads = np.arange(heads)
         middles = []
         for b, pad in enumerate(pads):
             sink, start, n = int(self.book.sink_len[b]), int(self.book.win_start[b]), int(self.book.length[b])
-            self.kv.write(b, np.arange(sink), k[b, :, pad : pad + sink], v[b, :, pad : pad + sink])
-            rows = self.kv.ring_start + self.book.place(b, np.arange(start, n))
-            self.kv.write(b, rows, k[b, :, pad + start : pad + n], v[b, :, pad + start : pad + n])
+            kept = np.concatenate([np.arange(sink), self.kv.ring_start + self.book.place(b, np.arange(start, n))])
+            src = np.concatenate([np.arange(pad, pad + sink), np.arange(pad + start, pad + n)])
+            index = torch.from_numpy(src).to(k.device)
+            self.kv.write(self.kv.rows(b, self.heads[:, None], kept[None, :]), torch.stack([k[b][:, index], v[b][:, index]]))
             middles.append((_host(k[b, :, pad + sink : pad + start]), _host(v[b, :, pad + sink : pad + start])))
         self.pending = self.rt.submit(self._build_stores, middles)
 
@@ -225,8 +227,7 @@ class SparseLayer(CacheLayerMixin):
                 self.ret_valid[b, h] = np.arange(self.ret_valid.shape[2]) < len(ids)
                 if len(ids):
                     k, v = store.rows(ids)
-                    rows = self.kv.slot_start + np.arange(len(ids))
-                    self.kv.write_head(b, h, rows, torch.from_numpy(k), torch.from_numpy(v))
+                    self.kv.write(self.kv.rows(b, h, self.kv.slot_start + np.arange(len(ids))), torch.from_numpy(np.stack([k, v])))
                     stats.bytes_loaded += k.nbytes + v.nbytes
                 stats.pages_selected += -(-len(ids) // self.rt.config.page_size)
                 stats.pages_loaded += -(-len(ids) // self.rt.config.page_size)
@@ -248,9 +249,9 @@ class SparseLayer(CacheLayerMixin):
             return
         leaving = []
         for b, (lo, hi) in enumerate(spans):
-            rows = self.kv.ring_start + self.book.ring_index(np.arange(lo, hi))
-            k, v = self.kv.read(b, rows)
-            leaving.append((_host(k), _host(v)))
+            ring = self.kv.ring_start + self.book.ring_index(np.arange(lo, hi))
+            kv = _host(self.kv.read(self.kv.rows(b, self.heads[:, None], ring[None, :])))  # [2, H, m, d]
+            leaving.append((kv[0], kv[1]))
         self.pending = self.rt.submit(self._insert, leaving)
 
     def _insert(self, leaving: list[tuple[np.ndarray, np.ndarray]]) -> list[list[np.ndarray]]:
