@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_NODE_IP_ADDRESS := 127.0.0.1
 
-.PHONY: setup test test-slow demo bench bench-quick clean
+.PHONY: setup test test-slow demo demo-passkey bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,11 @@ test: setup
 test-slow: setup
 	$(VPY) -m pytest -q -m slow
 
+# The main job on the embedded default: local Ray on loopback, bundled SmolLM2, example corpus.
 demo: setup
+	$(VPY) -m icecache_ray.jobs.summarize --input examples/corpus.jsonl --output out/demo-summaries
+
+demo-passkey: setup
 	$(VPY) -m icecache_ray.demo
 
 bench: setup

@@ -1,8 +1,10 @@
-"""Accuracy harness: ``python -m icecache_ray.eval {passkey,longgen} --policy P1,P2 --budget B1,B2
---lengths L1,L2 [--depths D1,D2] --seed S --json OUT [--model PATH]``.
+"""Accuracy harness: ``python -m icecache_ray.eval {passkey,longgen,ruler} --policy P1,P2 --budget B1,B2
+--lengths L1,L2 [--depths D1,D2] [--variants V1,V2] [--samples N] --seed S --json OUT [--model PATH]``.
 
 Writes ``rows`` (one per trial) and ``summary`` (mean score per task, policy, budget, length) to
-the JSON file and a Markdown table next to it (``OUT`` with ``.md``).
+the JSON file and a Markdown table next to it (``OUT`` with ``.md``). Tasks whose rows carry a
+``variant`` (ruler) also get ``summary_by_variant`` (mean score per task, variant, policy, budget,
+length) and a second table.
 """
 
 from __future__ import annotations
@@ -16,18 +18,21 @@ from collections import defaultdict
 from pathlib import Path
 
 from icecache_ray.config import POLICIES, IceCacheConfig
+from icecache_ray.eval.ruler import VARIANTS as RULER_VARIANTS
 
 log = logging.getLogger("icecache_ray.eval")
 
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m icecache_ray.eval", description=__doc__.splitlines()[0])
-    p.add_argument("task", choices=["passkey", "longgen"])
+    p.add_argument("task", choices=["passkey", "longgen", "ruler"])
     p.add_argument("--policy", default="icecache,streaming,full")
     p.add_argument("--budget", default="256")
-    p.add_argument("--lengths", default="1024,2048,4096")
+    p.add_argument("--lengths", default=None, help="prompt tokens (default 1024,2048,4096; ruler: 4096,7680)")
     p.add_argument("--depths", default="0.0,0.25,0.5,0.75,1.0")
     p.add_argument("--new-tokens", type=int, default=512, help="longgen: tokens to generate")
+    p.add_argument("--variants", default=",".join(RULER_VARIANTS), help="ruler: variants to run")
+    p.add_argument("--samples", type=int, default=2, help="ruler: prompts per variant and length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", required=True)
     p.add_argument("--model", default=None, help="model folder (default: bundled SmolLM2)")
@@ -59,7 +64,17 @@ def configs(policies: list[str], budgets: list[int]) -> list[tuple[str, int | No
     return out
 
 
+def variants(text: str) -> list[str]:
+    """The ``--variants`` list, each checked against the ruler variants."""
+    names = _list(text, str, "variants")
+    for name in names:
+        if name not in RULER_VARIANTS:
+            raise SystemExit(f"--variants {name!r}: choose from {list(RULER_VARIANTS)}")
+    return names
+
+
 def summarize(rows: list[dict]) -> list[dict]:
+    """Mean score per (task, policy, budget, length)."""
     groups = defaultdict(list)
     for r in rows:
         groups[(r["task"], r["policy"], r["budget"], r["length"])].append(r["score"])
@@ -69,10 +84,27 @@ def summarize(rows: list[dict]) -> list[dict]:
     ]
 
 
-def markdown(summary: list[dict]) -> str:
+def summarize_by_variant(rows: list[dict]) -> list[dict]:
+    """Mean score per (task, variant, policy, budget, length) over the rows that have a ``variant``."""
+    groups = defaultdict(list)
+    for r in rows:
+        if "variant" in r:
+            groups[(r["task"], r["variant"], r["policy"], r["budget"], r["length"])].append(r["score"])
+    return [
+        {"task": t, "variant": x, "policy": p, "budget": b, "length": l, "score": sum(v) / len(v), "n": len(v)}
+        for (t, x, p, b, l), v in sorted(groups.items(), key=lambda kv: (kv[0][:3], kv[0][3] or 0, kv[0][4]))
+    ]
+
+
+def markdown(summary: list[dict], by_variant: list[dict] | None = None) -> str:
     lines = ["| task | policy | budget | length | score | n |", "|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['task']} | {s['policy']} | {s['budget'] or '-'} | {s['length']} | {s['score']:.3f} | {s['n']} |")
+    if by_variant:
+        lines += ["", "| task | variant | policy | budget | length | score | n |", "|---|---|---|---|---|---|---|"]
+        for s in by_variant:
+            lines.append(f"| {s['task']} | {s['variant']} | {s['policy']} | {s['budget'] or '-'} | {s['length']} "
+                         f"| {s['score']:.3f} | {s['n']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -83,7 +115,13 @@ def main(argv=None) -> int:
     if not out.parent.exists():
         raise SystemExit(f"--json {args.json}: folder {out.parent} does not exist")
     runs = configs(_list(args.policy, str, "policy"), _list(args.budget, int, "budget"))
-    lengths = _list(args.lengths, int, "lengths")
+    lengths = _list(args.lengths or ("4096,7680" if args.task == "ruler" else "1024,2048,4096"), int, "lengths")
+    if min(lengths) <= 0:
+        raise SystemExit(f"--lengths {args.lengths!r}: must be positive")
+    if args.task == "ruler":
+        ruler_variants = variants(args.variants)
+        if args.samples <= 0:
+            raise SystemExit(f"--samples {args.samples}: must be a positive integer")
     from icecache_ray.model import load_model
 
     model, tokenizer = load_model(args.model)
@@ -95,15 +133,22 @@ def main(argv=None) -> int:
         from icecache_ray.eval.tasks import run_passkey
 
         rows = run_passkey(model, tokenizer, runs, lengths, _list(args.depths, float, "depths"), args.seed)
+    elif args.task == "ruler":
+        from icecache_ray.eval.tasks import run_ruler
+
+        rows = run_ruler(model, tokenizer, runs, lengths, args.seed, ruler_variants, args.samples)
     else:
         from icecache_ray.eval.tasks import run_longgen
 
         rows = run_longgen(model, tokenizer, runs, lengths, args.new_tokens, args.seed)
     summary = summarize(rows)
+    by_variant = summarize_by_variant(rows)
     result = {"task": args.task, "rows": rows, "summary": summary, "wall_s": time.perf_counter() - t0, "argv": sys.argv[1:]}
+    if by_variant:
+        result["summary_by_variant"] = by_variant
     out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(summary))
-    print(markdown(summary))
+    out.with_suffix(".md").write_text(markdown(summary, by_variant))
+    print(markdown(summary, by_variant))
     return 0
 
 

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from icecache_ray.config import IceCacheConfig
 from icecache_ray.engine.cache import IceCache
 from icecache_ray.engine.generate import generate
-from icecache_ray.eval import passkey
+from icecache_ray.eval import passkey, ruler
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,25 @@ def run_passkey(model, tokenizer, runs, lengths, depths, seed) -> list[dict]:
                        "generated": result.text, "decode": result.stats}
                 rows.append(row)
                 log.info("passkey len=%d depth=%.2f %s@%s -> %r (%s)", len(ids), depth, policy, budget, result.text, row["score"])
+    return rows
+
+
+def run_ruler(model, tokenizer, runs, lengths, seed, variants=ruler.VARIANTS, samples=2) -> list[dict]:
+    """RULER-style trials: ``samples`` prompts per variant and length, each decoded under every run."""
+    rows = []
+    for length in lengths:
+        for variant in variants:
+            for index in range(samples):
+                sample = ruler.build_sample(tokenizer, variant, length, ruler.sample_seed(seed, variant, length, index))
+                for policy, budget, cfg in runs:
+                    result = generate(model, sample.ids, cfg, max_new_tokens=ruler.MAX_NEW_TOKENS[variant], tokenizer=tokenizer)
+                    row = {"task": "ruler", "policy": policy, "budget": budget, "length": length, "prompt_tokens": len(sample.ids), "seed": seed,
+                           "score": ruler.score(variant, result.text, sample.answers), "variant": variant, "sample": index,
+                           "depth": sample.depth, "needle_depths": sample.needle_depths, "query": sample.query,
+                           "answers": sample.answers, "chat_template": sample.chat_template, "generated": result.text,
+                           "decode": result.stats}
+                    rows.append(row)
+                    log.info("ruler %s len=%d #%d %s@%s -> %r (%.2f)", variant, len(sample.ids), index, policy, budget, result.text, row["score"])
     return rows
 
 
