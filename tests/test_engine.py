@@ -247,3 +247,15 @@ def test_generate_batch_matches_single_prompts_and_validates_each_prompt():
         assert result.token_ids == single.token_ids and result.prompt_tokens == len(p)
     with pytest.raises(ValueError, match="prompt 1: .*empty"):
         generate_batch(model, [prompts[0], []], cfg, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("policy", ["icecache", "quest", "full"])
+def test_shared_prefill_gives_the_same_tokens_as_generate(policy):
+    from icecache_ray import generate
+    from icecache_ray.engine.generate import SharedPrefill
+
+    model = _model()
+    ids = torch.randint(1, 96, (300,), generator=torch.Generator().manual_seed(12)).tolist()
+    cfg = IceCacheConfig(budget=64, policy=policy)
+    shared = SharedPrefill(model, ids)
+    assert shared.generate(cfg, 12).token_ids == generate(model, ids, cfg, max_new_tokens=12).token_ids

@@ -122,6 +122,19 @@ class IceCache(Cache):
         """Per-step :class:`StepStats` of the decode steps so far (``RequestStats``)."""
         return self.runtime.stats if self.runtime is not None else None
 
+    def load_prefill(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Take a finished dense prefill's K/V (per layer [B, H, T, d], post-RoPE, no padding) as if
+        this cache had run it: sparse layers keep sink + window and index the middle. Used to
+        share one prefill between policies (every policy's prefill is the same dense attention)."""
+        if self.get_seq_length() != 0:
+            raise RuntimeError("load_prefill: the cache already holds tokens")
+        for layer, k, v in zip(self.layers, keys, values):
+            if isinstance(layer, SparseLayer):
+                layer.update(k, v)
+                layer.finish_prefill(None)
+            else:
+                layer.update(k.clone(), v.clone())
+
     def host_memory(self) -> dict[str, float]:
         """Host pool bytes in use, index metadata bytes, and both per stored token and KV head."""
         layers = [l for l in self.layers if isinstance(l, SparseLayer)]

@@ -128,3 +128,50 @@ def generate_batch(
         row_stats = dict(stats, wall_s=wall, generated_tokens=len(new), batch_size=len(prepared))
         results.append(GenerationResult(token_ids=new, text=text, prompt_tokens=len(ids), truncated=truncated, stats=row_stats))
     return results
+
+
+class SharedPrefill:
+    """One dense prefill of a prompt [T], reused by several configurations (every policy's prefill
+    is dense attention over the same prompt, so the K/V and the first logits are the same)."""
+
+    def __init__(self, model, prompt_ids: list[int]) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.prompt_tokens = len(prompt_ids)
+        cache = DynamicCache()
+        with torch.inference_mode():
+            self.logits = model(torch.tensor([prompt_ids], device=model.device), past_key_values=cache, use_cache=True).logits[:, -1]
+        self.keys = [layer.keys for layer in cache.layers]
+        self.values = [layer.values for layer in cache.layers]
+
+    def generate(self, config: IceCacheConfig, max_new_tokens: int, tokenizer=None, eos_token_id: int | None = None) -> GenerationResult:
+        """Greedy decoding from the shared prefill with ``config``: the same tokens as
+        :func:`generate` on the same prompt."""
+        eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+        previous = self.model.config._attn_implementation
+        cache = IceCache(self.model, config)
+        t0 = time.perf_counter()
+        try:
+            cache.load_prefill(self.keys, self.values)
+            new = _greedy(self.model, cache, self.logits, max_new_tokens, eos)
+            stats = cache.stats.summary() if cache.stats is not None else {}
+        finally:
+            cache.close()
+            self.model.set_attn_implementation(previous)
+        stats.update({"wall_s": time.perf_counter() - t0, "generated_tokens": len(new)})
+        text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
+        return GenerationResult(token_ids=new, text=text, prompt_tokens=self.prompt_tokens, truncated=False, stats=stats)
+
+
+def _greedy(model, cache, logits: torch.Tensor, max_new_tokens: int, eos: int | None) -> list[int]:
+    """Greedy tokens from the last prompt logits [1, V], one model call per token."""
+    out: list[int] = []
+    with torch.inference_mode():
+        for step in range(max_new_tokens):
+            token = int(logits.argmax(-1))
+            out.append(token)
+            if token == eos or step == max_new_tokens - 1:
+                break
+            logits = model(torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True).logits[:, -1]
+    return out

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from icecache_ray.config import IceCacheConfig
 from icecache_ray.engine.cache import IceCache
-from icecache_ray.engine.generate import generate
+from icecache_ray.engine.generate import SharedPrefill, generate
 from icecache_ray.eval import passkey, ruler
 
 log = logging.getLogger(__name__)
@@ -23,8 +23,9 @@ def run_passkey(model, tokenizer, runs, lengths, depths, seed) -> list[dict]:
         keys = passkey.keys_for(seed * 7919 + length, len(depths))
         for depth, key in zip(depths, keys):
             ids = passkey.build_prompt(tokenizer, length, depth, key)
+            shared = SharedPrefill(model, ids)  # one dense prefill for every policy
             for policy, budget, cfg in runs:
-                result = generate(model, ids, cfg, max_new_tokens=8, tokenizer=tokenizer)
+                result = shared.generate(cfg, 8, tokenizer=tokenizer)
                 row = {"task": "passkey", "policy": policy, "budget": budget, "length": length, "prompt_tokens": len(ids), "seed": seed,
                        "score": passkey.score(result.text, key), "depth": depth, "key": key,
                        "generated": result.text, "decode": result.stats}
@@ -40,8 +41,9 @@ def run_ruler(model, tokenizer, runs, lengths, seed, variants=ruler.VARIANTS, sa
         for variant in variants:
             for index in range(samples):
                 sample = ruler.build_sample(tokenizer, variant, length, ruler.sample_seed(seed, variant, length, index))
+                shared = SharedPrefill(model, sample.ids)  # one dense prefill for every policy
                 for policy, budget, cfg in runs:
-                    result = generate(model, sample.ids, cfg, max_new_tokens=ruler.MAX_NEW_TOKENS[variant], tokenizer=tokenizer)
+                    result = shared.generate(cfg, ruler.MAX_NEW_TOKENS[variant], tokenizer=tokenizer)
                     row = {"task": "ruler", "policy": policy, "budget": budget, "length": length, "prompt_tokens": len(sample.ids), "seed": seed,
                            "score": ruler.score(variant, result.text, sample.answers), "variant": variant, "sample": index,
                            "depth": sample.depth, "needle_depths": sample.needle_depths, "query": sample.query,
