@@ -126,6 +126,13 @@ class MDCIIndex:
         extra = np.sqrt(np.maximum(self.max_sq_norm - sq, 0.0)).astype(np.float32)
         return np.concatenate([keys, extra[:, None]], axis=1)
 
+    def _augment_one(self, key: np.ndarray) -> np.ndarray:
+        """[d] -> [d + 1]: :meth:`_augment` of one key without the batch machinery."""
+        out = np.empty(key.shape[0] + 1, np.float32)
+        out[:-1] = key
+        out[-1] = np.sqrt(max(self.max_sq_norm - float(key @ key), 0.0))
+        return out
+
     def _nearest_clusters(self, keys: np.ndarray, chunk: int = 4096) -> np.ndarray:
         """Cluster with the largest augmented inner product for each key. Returns [n] int64."""
         centres = self._augment(self.table.cluster_keys[: self.n_clusters])
@@ -244,7 +251,7 @@ class MDCIIndex:
         if cached is None or cached[0] != self.n_clusters or cached[1] != self.max_sq_norm:
             centres = self._augment(self.table.cluster_keys[: self.n_clusters])
             self._insert_centres = cached = (self.n_clusters, self.max_sq_norm, centres)
-        return int(np.argmax(cached[2] @ self._augment(key[None])[0]))
+        return int(np.argmax(cached[2] @ self._augment_one(key)))
 
     def _insert_one(self, key: np.ndarray, value: np.ndarray) -> list[int]:
         """Insert one token; on PoolExhausted nothing of this token is kept (earlier ones are)."""
@@ -272,9 +279,11 @@ class MDCIIndex:
         every page of the cluster is full, split the nearest one. Preferring pages with room keeps
         pages nearly full (a half-empty page wastes a device slot at decode time)."""
         pages = self.table.cluster_page_list(cluster)
-        centroids = np.stack([self.table.page_keys(p).mean(axis=0) for p in pages])
-        closeness = self._augment(centroids) @ self._augment(key[None])[0]
-        has_room = self.table.page_count[pages] < self.page_size
+        # empty slots of a page are zero rows, so a page's centroid is its row sum / count
+        counts = self.table.page_count[pages]
+        centroids = self.table.pool_k[self.table.page_pool[pages]].sum(axis=1) / counts[:, None]
+        closeness = self._augment(centroids) @ self._augment_one(key)
+        has_room = counts < self.page_size
         if has_room.any():
             page = int(pages[has_room][int(np.argmax(closeness[has_room]))])
             self.table.append_row(page, token, key, value)
