@@ -6,7 +6,7 @@ and starts every "node" as a set of local Ray processes. The worker node types m
 and the GPU replaced by the custom resource, so the test needs no GPU:
 
 * no demand -> the head is alone;
-* actors asking for ``icecache_worker`` (engine actors) and ``icecache_index`` (index actors)
+* actors asking for ``icecache_worker`` (GPU engine actors) and ``icecache_cpu_worker`` (CPU engine actors)
   -> the autoscaler adds one node of the matching type per actor;
 * actors killed -> after ``idle_timeout_minutes`` the worker nodes are removed.
 
@@ -283,9 +283,9 @@ class FakeEngineActor:
         return ray.get_runtime_context().get_node_id()
 
 
-@ray.remote(num_cpus=0, resources={"icecache_index": 1})
-class FakeIndexActor:
-    """Stands in for an index actor: asks for the CPU node type's custom resource."""
+@ray.remote(num_cpus=0, resources={"icecache_cpu_worker": 1})
+class FakeCpuEngineActor:
+    """Stands in for a CPU engine actor: asks for the CPU node type's custom resource."""
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -304,12 +304,12 @@ def test_scale_up_on_demand_and_down_when_idle(cluster: LoopbackAutoscalingClust
         time.sleep(0.25)
     assert [n["NodeManagerAddress"] for n in ray.nodes()] == [LOOPBACK]
 
-    # 2. Demand: two engine actors and one index actor -> 2 gpu_worker nodes + 1 index_cpu node.
+    # 2. Demand: two GPU engine actors and one CPU engine actor -> 2 gpu_worker nodes + 1 cpu_worker node.
     t_demand = time.monotonic()
     engines = [FakeEngineActor.remote() for _ in range(2)]
-    index = FakeIndexActor.remote()
+    index = FakeCpuEngineActor.remote()
     timeline.wait_for(
-        lambda: len(_alive_workers("icecache_worker")) == 2 and len(_alive_workers("icecache_index")) == 1,
+        lambda: len(_alive_workers("icecache_worker")) == 2 and len(_alive_workers("icecache_cpu_worker")) == 1,
         180, "actors submitted",
     )
     up_s = time.monotonic() - t_demand
@@ -318,7 +318,7 @@ def test_scale_up_on_demand_and_down_when_idle(cluster: LoopbackAutoscalingClust
     assert len(workers) == 3
     engine_nodes = {n["NodeID"] for n in _alive_workers("icecache_worker")}
     assert set(where[:2]) == engine_nodes, "each engine actor on its own gpu_worker node"
-    assert where[2] in {n["NodeID"] for n in _alive_workers("icecache_index")}
+    assert where[2] in {n["NodeID"] for n in _alive_workers("icecache_cpu_worker")}
     assert all(n["NodeManagerAddress"] == LOOPBACK for n in workers)
     assert cluster.listening_addresses() <= LOOPBACK_ADDRESSES, "a Ray process listens off loopback"
 

@@ -78,8 +78,10 @@ def test_node_types_and_worker_counts(config: dict) -> None:
 
     gpu = [s for s in workers.values() if s["resources"].get("GPU", 0) >= 1]
     assert gpu and all(s["resources"].get("icecache_worker", 0) >= 1 for s in gpu)
-    index = [s for s in workers.values() if s["resources"].get("icecache_index", 0) >= 1]
-    assert index and all(s["resources"].get("GPU", 0) == 0 for s in index)
+    cpu = [s for s in workers.values() if s["resources"].get("icecache_cpu_worker", 0) >= 1]
+    assert cpu and all(s["resources"].get("GPU", 0) == 0 for s in cpu)
+    # page pools are node-local shared memory: every engine node type has index slots beside it
+    assert all(s["resources"].get("icecache_index", 0) >= 1 for s in gpu + cpu)
     assert 0 < config["idle_timeout_minutes"]
 
 
@@ -118,7 +120,7 @@ def test_project_is_synced_and_installed(config: dict) -> None:
     gpu_cmds = " ".join(_worker_types(config)["gpu_worker"]["worker_setup_commands"])
     assert "pip install" in gpu_cmds and "-e" in gpu_cmds and "[gpu]" in gpu_cmds
     assert "download.pytorch.org/whl/cpu" not in gpu_cmds, "GPU nodes need the CUDA torch"
-    cpu_cmds = " ".join(_worker_types(config)["index_cpu"]["worker_setup_commands"])
+    cpu_cmds = " ".join(_worker_types(config)["cpu_worker"]["worker_setup_commands"])
     assert "download.pytorch.org/whl/cpu" in cpu_cmds
     assert "download.pytorch.org/whl/cpu" in " ".join(config["head_setup_commands"])
 
