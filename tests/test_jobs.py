@@ -114,3 +114,24 @@ def test_ray_engine_replicas_summarize_like_the_local_engine(tiny_model_dir, tmp
     assert remote == local
     info = json.loads((tmp_path / "ray" / "run.json").read_text())
     assert info["engine"] == "ray" and info["replicas"] == 2
+
+
+def test_rouge_l_by_hand():
+    from icecache_ray.jobs.compare import lcs_length, rouge_l
+
+    assert lcs_length("a b c d".split(), "a c d e".split()) == 3
+    assert rouge_l("The cat sat.", "the cat sat") == 1.0
+    assert rouge_l("", "anything") == 0.0
+    # candidate "a b x", reference "a b c d": lcs 2, p = 2/3, r = 1/2, f = 4/7
+    assert abs(rouge_l("a b x", "a b c d") - 4 / 7) < 1e-12
+
+
+def test_compare_two_runs(tiny_model_dir, tmp_path):
+    from icecache_ray.jobs.compare import compare
+
+    src = _jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": _doc(i)} for i in range(2)])
+    main(_args(tiny_model_dir, [src], tmp_path / "a"))
+    main(_args(tiny_model_dir, [src], tmp_path / "b", "--policy", "full"))
+    result = compare(str(tmp_path / "b"), str(tmp_path / "a"))
+    assert result["documents"] == 2 and 0.0 <= result["rouge_l_mean"] <= 1.0
+    assert result["candidate_s_per_document"] > 0
