@@ -15,8 +15,6 @@ so no token is ever lost or counted twice.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
-
 import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -25,6 +23,7 @@ from icecache_ray.engine.resident import ResidentKV
 from icecache_ray.engine.runtime import SparseRuntime
 from icecache_ray.engine.slots import SlotTable
 from icecache_ray.engine.stats import StepStats
+from icecache_ray.engine.stores import LocalStores
 from icecache_ray.engine.window import WindowBook
 
 
@@ -58,9 +57,8 @@ class SparseLayer(CacheLayerMixin):
         self.kv: ResidentKV | None = None
         self.slots: SlotTable | None = None
         self.ret_valid: np.ndarray | None = None  # [B, H, R * P] valid rows of the slot region
-        self.stores: list[list] | None = None  # [B][H]
+        self.stores = LocalStores(runtime)
         self.selected: list[list[np.ndarray]] | None = None  # [B][H] middle-token ids chosen this step
-        self.pending: Future | None = None
         self.prefill_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self.heads = np.zeros(0, np.int64)  # arange(KV heads), for row arithmetic
         self.prefill_step = False
@@ -129,19 +127,12 @@ class SparseLayer(CacheLayerMixin):
             index = torch.from_numpy(src).to(k.device)
             self.kv.write(self.kv.rows(b, self.heads[:, None], kept[None, :]), torch.stack([k[b][:, index], v[b][:, index]]))
             middles.append((_host(k[b, :, pad + sink : pad + start]), _host(v[b, :, pad + sink : pad + start])))
-        self.pending = self.rt.submit(self._build_stores, middles)
-
-    def _build_stores(self, middles: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        """Background: one store per (sequence, KV head) from middle K/V [H, m_b, d] per sequence."""
-        self.stores = [[self.rt.policy.build(k[j], v[j]) for j in range(k.shape[0])] for k, v in middles]
+        self.stores.build(middles)
 
     # ------------------------------------------------------------------ decode
     def _settle(self) -> None:
         """Wait for the background job (normally long finished) and retire what it inserted."""
-        if self.pending is None:
-            return
-        dirty = self.pending.result()
-        self.pending = None
+        dirty = self.stores.wait()
         self.book.retire()
         if dirty is not None and self.slots is not None:
             for b, row in enumerate(dirty):
@@ -172,22 +163,14 @@ class SparseLayer(CacheLayerMixin):
     def _select_pages(self, host_q: np.ndarray, stats: StepStats) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
         """icecache: choose pages per (sequence, KV head) and plan the slot copies."""
         t0 = time.perf_counter()
-        plans, k = [], self.rt.config.retrieved_pages
-        publish = self.rt.config.layer_reuse > 1
-        self.selected = [] if publish else None
-        for b, row in enumerate(self.stores):
-            chosen = []
-            for h, store in enumerate(row):
-                pages, pool_pages, counts = store.select_pages(host_q[b, h], k)
-                missing, slots = self.slots.plan(b, h, pool_pages, counts)
-                self.ret_valid[b, h] = self.slots.token_valid(b, h)
-                plans.append((b, h, missing, slots))
-                stats.pages_selected += len(pool_pages)
-                stats.pages_hit += len(pool_pages) - len(missing)
-                if publish:
-                    chosen.append(store.tokens_of(pages))
-            if publish:
-                self.selected.append(chosen)
+        picks, self.selected = self.stores.select_pages(host_q, self.rt.config.retrieved_pages, self.rt.config.layer_reuse > 1)
+        plans = []
+        for b, h, pool_pages, counts in picks:
+            missing, slots = self.slots.plan(b, h, pool_pages, counts)
+            self.ret_valid[b, h] = self.slots.token_valid(b, h)
+            plans.append((b, h, missing, slots))
+            stats.pages_selected += len(pool_pages)
+            stats.pages_hit += len(pool_pages) - len(missing)
         stats.select_ms += 1e3 * (time.perf_counter() - t0)
         return plans
 
@@ -200,7 +183,7 @@ class SparseLayer(CacheLayerMixin):
             hs = np.concatenate([np.full(len(p[2]), p[1]) for p in plans])
             slots = np.concatenate([p[3] for p in plans])
             rows = self.kv.page_rows(bs, hs, slots, self.rt.config.page_size)
-            stats.bytes_loaded += self.kv.load(self.rt.pool, pages, rows)
+            stats.bytes_loaded += self.kv.load(self.stores.pool, pages, rows)
             stats.pages_loaded += len(pages)
         stats.load_ms += 1e3 * (time.perf_counter() - t0)
 
@@ -208,8 +191,7 @@ class SparseLayer(CacheLayerMixin):
         """Policies without an index (quest, oracle, streaming): copy the chosen middle tokens."""
         t0 = time.perf_counter()
         publish = self.rt.config.layer_reuse > 1
-        self.selected = [[self.rt.policy.select(s, host_q[b, h], self.rt.config.retrieved_pages).tokens for h, s in enumerate(row)]
-                         for b, row in enumerate(self.stores)]
+        self.selected = self.stores.select_tokens(host_q, self.rt.config.retrieved_pages)
         stats.select_ms += 1e3 * (time.perf_counter() - t0)
         self._write_tokens(self.selected, stats)
         if not publish:
@@ -221,12 +203,13 @@ class SparseLayer(CacheLayerMixin):
 
     def _write_tokens(self, tokens: list[list[np.ndarray]], stats: StepStats) -> None:
         t0 = time.perf_counter()
-        for b, row in enumerate(self.stores):
-            for h, store in enumerate(row):
+        batch, heads = self.ret_valid.shape[:2]
+        for b in range(batch):
+            for h in range(heads):
                 ids = tokens[b][h][: self.ret_valid.shape[2]]
                 self.ret_valid[b, h] = np.arange(self.ret_valid.shape[2]) < len(ids)
                 if len(ids):
-                    k, v = store.rows(ids)
+                    k, v = self.stores.rows(b, h, ids)
                     self.kv.write(self.kv.rows(b, h, self.kv.slot_start + np.arange(len(ids))), torch.from_numpy(np.stack([k, v])))
                     stats.bytes_loaded += k.nbytes + v.nbytes
                 stats.pages_selected += -(-len(ids) // self.rt.config.page_size)
@@ -252,43 +235,21 @@ class SparseLayer(CacheLayerMixin):
             ring = self.kv.ring_start + self.book.ring_index(np.arange(lo, hi))
             kv = _host(self.kv.read(self.kv.rows(b, self.heads[:, None], ring[None, :])))  # [2, H, m, d]
             leaving.append((kv[0], kv[1]))
-        self.pending = self.rt.submit(self._insert, leaving)
-
-    def _insert(self, leaving: list[tuple[np.ndarray, np.ndarray]]) -> list[list[np.ndarray]]:
-        """Background: append each sequence's rows [H, m_b, d]; returns dirty pool pages [B][H]."""
-        dirty = []
-        for (k, v), row in zip(leaving, self.stores):
-            dirty.append([self._inserted(s, k[j], v[j]) for j, s in enumerate(row)])
-        return dirty
-
-    def _inserted(self, store, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """Insert rows [m, d] into one store; returns the changed pages (pool pages for slots)."""
-        if not len(k):
-            return np.zeros(0, np.int64)
-        pages = store.insert(k, v)
-        return store.index.table.page_pool[pages] if self.rt.uses_slots else pages
+        self.stores.insert(leaving)
 
     # ------------------------------------------------------------------ accounting
     def device_bytes(self) -> int:
         return self.kv.nbytes() if self.kv is not None else 0
 
     def stored_token_heads(self) -> int:
-        return sum(s.n_tokens for row in self.stores or [] for s in row)
+        return self.stores.stored_token_heads()
 
     def index_bytes(self) -> int:
-        return sum(s.metadata_bytes() for row in self.stores or [] for s in row)
+        return self.stores.index_bytes()
 
     def close(self) -> None:
         """Wait for background work and give the stores' host pages back."""
-        if self.pending is not None:
-            try:
-                self.pending.result()
-            finally:
-                self.pending = None
-        for row in self.stores or []:
-            for store in row:
-                store.release()
-        self.stores = None
+        self.stores.close()
 
 
 def _host(x: torch.Tensor) -> np.ndarray:
