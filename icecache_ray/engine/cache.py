@@ -90,7 +90,9 @@ class IceCache(Cache):
     """Dense layers for the first ``n_full_layers`` (and for every layer with policy ``full``),
     :class:`SparseLayer` for the rest."""
 
-    def __init__(self, model, config: IceCacheConfig | None = None) -> None:
+    def __init__(self, model, config: IceCacheConfig | None = None, stores_factory=None) -> None:
+        """``stores_factory(layer_idx)`` -> a zero-argument maker of that layer's store backend
+        (default: stores in this process; the Ray runtime passes remote index services)."""
         config = config or IceCacheConfig()
         n_layers, head_dim = check_model(model, config)
         self.config = config
@@ -101,7 +103,8 @@ class IceCache(Cache):
                 layers.append(DynamicLayer())
                 continue
             first_of_run = config.n_full_layers + (i - config.n_full_layers) // config.layer_reuse * config.layer_reuse
-            layers.append(SparseLayer(i, self.runtime, anchor=layers[first_of_run] if first_of_run != i else None))
+            anchor = layers[first_of_run] if first_of_run != i else None
+            layers.append(SparseLayer(i, self.runtime, anchor, stores_factory(i) if stores_factory else None))
         super().__init__(layers=layers)
         self._first_sparse = next((i for i, l in enumerate(layers) if isinstance(l, SparseLayer)), None)
         model.set_attn_implementation(register_attention(SPARSE_ATTENTION, sparse_attention))

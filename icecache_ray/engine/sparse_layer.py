@@ -44,12 +44,13 @@ def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int) -
 
 class SparseLayer(CacheLayerMixin):
     """Cache layer for layers >= n_full_layers (see module docstring). With ``anchor`` set, the
-    layer reuses that layer's selected tokens instead of selecting (IceCache(r))."""
+    layer reuses that layer's selected tokens instead of selecting (IceCache(r)).
+    ``stores_factory`` makes the host-side store backend (default: :class:`LocalStores`)."""
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, layer_idx: int, runtime: SparseRuntime, anchor: "SparseLayer | None" = None) -> None:
+    def __init__(self, layer_idx: int, runtime: SparseRuntime, anchor: "SparseLayer | None" = None, stores_factory=None) -> None:
         super().__init__()
         self.layer_idx, self.rt, self.anchor = layer_idx, runtime, anchor
         self.seq_len = 0  # padded length, as transformers counts it
@@ -57,7 +58,8 @@ class SparseLayer(CacheLayerMixin):
         self.kv: ResidentKV | None = None
         self.slots: SlotTable | None = None
         self.ret_valid: np.ndarray | None = None  # [B, H, R * P] valid rows of the slot region
-        self.stores = LocalStores(runtime)
+        self._stores_factory = stores_factory  # () -> a store backend (e.g. RemoteStores); default local
+        self.stores = stores_factory() if stores_factory is not None else LocalStores(runtime)
         self.selected: list[list[np.ndarray]] | None = None  # [B][H] middle-token ids chosen this step
         self.prefill_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self.heads = np.zeros(0, np.int64)  # arange(KV heads), for row arithmetic
@@ -101,7 +103,7 @@ class SparseLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.close()
-        self.__init__(self.layer_idx, self.rt, self.anchor)
+        self.__init__(self.layer_idx, self.rt, self.anchor, self._stores_factory)
 
     # ------------------------------------------------------------------ prefill
     def finish_prefill(self, attention_mask: torch.Tensor | None) -> None:
@@ -165,7 +167,9 @@ class SparseLayer(CacheLayerMixin):
         t0 = time.perf_counter()
         picks, self.selected = self.stores.select_pages(host_q, self.rt.config.retrieved_pages, self.rt.config.layer_reuse > 1)
         plans = []
-        for b, h, pool_pages, counts in picks:
+        for b, h, pool_pages, counts, changed in picks:
+            if len(changed):
+                self.slots.invalidate(b, h, changed)
             missing, slots = self.slots.plan(b, h, pool_pages, counts)
             self.ret_valid[b, h] = self.slots.token_valid(b, h)
             plans.append((b, h, missing, slots))

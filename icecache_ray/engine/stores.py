@@ -16,6 +16,9 @@ import numpy as np
 from icecache_ray.engine.runtime import SparseRuntime
 
 
+_NONE = np.zeros(0, np.int64)
+
+
 class LocalStores:
     """Stores of one layer for a batch, in this process (see module docstring)."""
 
@@ -63,13 +66,14 @@ class LocalStores:
     def select_pages(self, host_q: np.ndarray, k: int, with_tokens: bool):
         """icecache: top-k pages of every (b, h) for queries [B, H, g * n, d].
 
-        Returns ([(b, h, pool pages, valid rows)], tokens [B][H] or None)."""
+        Returns ([(b, h, pool pages, valid rows, changed pool pages)], tokens [B][H] or None);
+        here changed pages come from :meth:`wait` instead, so the last field is empty."""
         picks, tokens = [], [] if with_tokens else None
         for b, row in enumerate(self.stores):
             chosen = []
             for h, store in enumerate(row):
                 pages, pool_pages, counts = store.select_pages(host_q[b, h], k)
-                picks.append((b, h, pool_pages, counts))
+                picks.append((b, h, pool_pages, counts, _NONE))
                 if with_tokens:
                     chosen.append(store.tokens_of(pages))
             if with_tokens:

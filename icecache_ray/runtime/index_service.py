@@ -1,0 +1,151 @@
+"""What an index actor does, as a plain class: own the stores of some (sequence, layer, KV head)
+partitions and the shared-memory pool their pages live in, on the node of the worker it serves.
+
+Page bytes never travel through calls: the worker writes the K/V a store must ingest into its
+*inbox* pool (shared memory it owns) and sends page ids; the service reads them in place, builds
+or extends the stores in its own pool, and answers selections with pool page ids the worker reads
+in place. Calls carry ids, queries and small metadata only, and every call covers a whole batch
+and all the heads of one layer the service owns (one request per service per layer and step).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from icecache_ray.config import IceCacheConfig
+from icecache_ray.policies import make_policy
+from icecache_ray.pool import PagePool, PoolLayout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InboxItem:
+    """One (sequence, KV head)'s rows in the inbox: ``pages`` hold ``n`` rows, page after page."""
+
+    seq: str
+    head: int
+    pages: np.ndarray
+    n: int
+
+
+def write_inbox(inbox: PagePool, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Copy rows k, v [n, d] into newly allocated inbox pages; returns the page ids."""
+    p = inbox.layout.page_size
+    n_pages = max(1, -(-len(k) // p))
+    pages = inbox.alloc(n_pages)
+    for i, page in enumerate(pages.tolist()):
+        inbox.write(page, k[i * p : (i + 1) * p], v[i * p : (i + 1) * p])
+    return pages
+
+
+def read_inbox(inbox: PagePool, item: InboxItem) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (k, v) [n, d] of an inbox item (copies)."""
+    rows = inbox.read(item.pages)  # [m, 2, P, d]
+    d = rows.shape[-1]
+    return rows[:, 0].reshape(-1, d)[: item.n], rows[:, 1].reshape(-1, d)[: item.n]
+
+
+class IndexService:
+    """Stores of the (sequence, layer, KV head) partitions given to it (see module docstring)."""
+
+    def __init__(self, config: IceCacheConfig, head_dim: int, numba_threads: int | None = None) -> None:
+        if numba_threads:
+            os.environ["NUMBA_NUM_THREADS"] = str(numba_threads)
+        self.config = config
+        layout = PoolLayout(config.pool.capacity_pages, config.page_size, head_dim, "float32")
+        self.pool = PagePool.create(layout) if config.policy == "icecache" else None
+        self.policy = make_policy(config.policy, head_dim, config.page_size, pool=self.pool, index=config.index)
+        self.stores: dict[tuple[str, int, int], object] = {}
+        self.dirty: dict[tuple[str, int, int], list[np.ndarray]] = {}
+        self._inboxes: dict[str, PagePool] = {}
+
+    # ------------------------------------------------------------------ transport helpers
+    def pool_name(self) -> str | None:
+        return self.pool.name if self.pool is not None else None
+
+    def _inbox(self, name: str) -> PagePool:
+        if name not in self._inboxes:
+            self._inboxes[name] = PagePool.attach(name)
+        return self._inboxes[name]
+
+    # ------------------------------------------------------------------ writes
+    def build(self, inbox: str, layer: int, items: list[InboxItem]) -> int:
+        """New stores from inbox rows (an item with n = 0 makes an empty store). Returns tokens."""
+        box = self._inbox(inbox)
+        for it in items:
+            k, v = read_inbox(box, it) if it.n else (np.zeros((0, box.layout.head_dim), np.float32),) * 2
+            self.stores[(it.seq, layer, it.head)] = self.policy.build(k, v)
+        return sum(it.n for it in items)
+
+    def insert(self, inbox: str, layer: int, items: list[InboxItem]) -> int:
+        """Append inbox rows to existing stores; the changed pool pages are reported by the next
+        :meth:`select` of each (sequence, head). Returns tokens inserted."""
+        box = self._inbox(inbox)
+        for it in items:
+            if not it.n:
+                continue
+            key = (it.seq, layer, it.head)
+            pages = self.stores[key].insert(*read_inbox(box, it))
+            if self.pool is not None:
+                self.dirty.setdefault(key, []).append(self.stores[key].index.table.page_pool[pages])
+        return sum(it.n for it in items)
+
+    # ------------------------------------------------------------------ reads
+    def select(self, layer: int, seqs: list[str], heads: list[int], queries: np.ndarray, k: int, with_tokens: bool = False):
+        """Top-k pages of each (seqs[i], heads[i]) for queries [n, g * q, d] (float32).
+
+        Returns one tuple per item: (pool pages, valid rows, changed pool pages since the last
+        select, middle-token ids or None)."""
+        out = []
+        for seq, head, q in zip(seqs, heads, queries):
+            key = (seq, layer, head)
+            store = self.stores[key]
+            dirty = self.dirty.pop(key, [])
+            dirty = np.concatenate(dirty) if dirty else np.zeros(0, np.int64)
+            if self.pool is None:
+                sel = self.policy.select(store, q, k)
+                out.append((None, None, dirty, sel.tokens))
+                continue
+            pages, pool_pages, counts = store.select_pages(np.ascontiguousarray(q), k)
+            out.append((pool_pages, counts, dirty, store.tokens_of(pages) if with_tokens else None))
+        return out
+
+    def token_rows(self, layer: int, seq: str, head: int, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where the rows of middle tokens are: (pool pages [n], rows in page [n]) (icecache), so a
+        reader on the node copies them in place."""
+        index = self.stores[(seq, layer, head)].index
+        page, slot = index.token_locations(tokens)
+        return index.table.page_pool[page], slot
+
+    # ------------------------------------------------------------------ lifecycle
+    def release(self, seq: str) -> int:
+        """Free every store of a sequence. Returns how many were freed."""
+        keys = [key for key in self.stores if key[0] == seq]
+        for key in keys:
+            self.stores.pop(key).release()
+            self.dirty.pop(key, None)
+        return len(keys)
+
+    def stats(self) -> dict:
+        tokens = sum(s.n_tokens for s in self.stores.values())
+        return {"stores": len(self.stores), "token_heads": tokens,
+                "pool_pages_used": self.pool.num_used if self.pool is not None else 0,
+                "index_bytes": sum(s.metadata_bytes() for s in self.stores.values())}
+
+    def close(self) -> None:
+        """Free everything and unlink the pool (idempotent)."""
+        for store in self.stores.values():
+            store.release()
+        self.stores.clear()
+        for box in self._inboxes.values():
+            box.close()
+        self._inboxes.clear()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.unlink()
+            self.pool = None

@@ -1,0 +1,105 @@
+"""Index services: stores owned elsewhere (another object or a Ray actor), pages read in place."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from icecache_ray.config import IceCacheConfig
+from icecache_ray.engine.cache import IceCache
+from icecache_ray.pool import PagePool, PoolLayout
+from icecache_ray.runtime.index_service import IndexService, InboxItem, read_inbox, write_inbox
+from icecache_ray.runtime.remote_stores import InProcessHandle, RayHandle, RemoteStores, ServiceClient
+from tests.test_engine import _decode_logits, _model
+
+
+def test_inbox_round_trip():
+    inbox = PagePool.create(PoolLayout(64, 16, 8, "float32"))
+    try:
+        k = np.random.default_rng(0).standard_normal((37, 8)).astype(np.float32)
+        pages = write_inbox(inbox, k, -k)
+        got_k, got_v = read_inbox(inbox, InboxItem("s", 0, pages, 37))
+        np.testing.assert_array_equal(got_k, k)
+        np.testing.assert_array_equal(got_v, -k)
+        assert len(pages) == 3
+    finally:
+        inbox.close()
+        inbox.unlink()
+
+
+def _remote_cache(model, cfg, handle_of_layer, inbox):
+    clients = {}
+
+    def factory(layer):
+        handle = handle_of_layer(layer)
+        if id(handle) not in clients:
+            clients[id(handle)] = ServiceClient(handle, inbox)
+        client = clients[id(handle)]
+        return lambda: RemoteStores(client, layer, request_id="req")
+
+    return IceCache(model, cfg, stores_factory=factory), clients
+
+
+def test_remote_stores_decode_exactly_like_local_stores():
+    """Same logits with the stores in a separate service (pages read from its pool in place)."""
+    model = _model()
+    ids = torch.randint(0, 96, (1, 500), generator=torch.Generator().manual_seed(13))
+    cfg = IceCacheConfig(budget=64)
+    local = IceCache(model, cfg)
+    try:
+        want = _decode_logits(model, ids, local, 40)
+    finally:
+        local.close()
+    services = [IndexService(cfg, 16), IndexService(cfg, 16)]  # layers split over two services
+    handles = [InProcessHandle(s) for s in services]
+    inbox = PagePool.create(PoolLayout(4096, 16, 16, "float32"))
+    cache, clients = _remote_cache(model, cfg, lambda layer: handles[layer % 2], inbox)
+    try:
+        got = _decode_logits(model, ids, cache, 40)
+        assert cache.stats.total().pages_loaded > 0
+        assert [s.stats()["stores"] for s in services] == [2, 2]  # sparse layers 2 and 3, 2 KV heads each
+    finally:
+        cache.close()
+        for c in clients.values():
+            c.close()
+        assert all(s.stats()["stores"] == 0 for s in services)  # released with the request
+        for s in services:
+            s.close()
+        assert inbox.num_used == 0  # every inbox page given back
+        inbox.close()
+        inbox.unlink()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_index_actor_on_ray_gives_the_same_tokens():
+    """The service as a Ray actor (loopback, one node): identical greedy tokens."""
+    ray = pytest.importorskip("ray")
+    from icecache_ray import ray_utils
+
+    model = _model()
+    ids = torch.randint(0, 96, (1, 400), generator=torch.Generator().manual_seed(14))
+    cfg = IceCacheConfig(budget=64)
+    local = IceCache(model, cfg)
+    try:
+        want = _decode_logits(model, ids, local, 20).argmax(-1)
+    finally:
+        local.close()
+    ray_utils.connect(num_cpus=2, object_store_memory=80 * 1024**2)
+    inbox = PagePool.create(PoolLayout(4096, 16, 16, "float32"))
+    try:
+        actor = ray.remote(num_cpus=1)(IndexService).remote(cfg, 16, 1)
+        handle = RayHandle(ray, actor)
+        cache, clients = _remote_cache(model, cfg, lambda layer: handle, inbox)
+        try:
+            got = _decode_logits(model, ids, cache, 20).argmax(-1)
+        finally:
+            cache.close()
+            for c in clients.values():
+                c.close()
+            ray.get(actor.close.remote())
+        assert torch.equal(got, want)
+    finally:
+        inbox.close()
+        inbox.unlink()
+        ray.shutdown()
