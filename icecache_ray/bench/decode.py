@@ -1,0 +1,161 @@
+"""Decode-step breakdown, single process vs index actors on Ray, at several batch sizes.
+
+``python -m icecache_ray.bench.decode --json OUT [--batches 1,4,8] [--length 1024] [--steps 16]``
+
+For each batch size the same left-padded batch of essay prompts (lengths spread over
+``--length`` / 2 .. ``--length``) is prefilled and greedily decoded twice with icecache@``--budget``:
+(a) ``single``: the stores in this process (``LocalStores``); (b) ``ray``: the stores in
+``--actors`` index actors on a local Ray (loopback), K/V in through a shared-memory inbox, one
+``select`` request per actor per layer and step, pages read in place from the actors' pools
+(``RemoteStores``). The model runs in this process in both modes. Per step: total time, and the
+parts from ``StepStats`` (select = selection, including the request round trip in Ray mode;
+load; attend; compute = the rest). Prints JSON; ``summary`` holds ``ray_select_overhead_frac_b8``
+(select time / step time, Ray mode, batch 8), ``tokens_identical`` (Ray vs single, every batch),
+``step_ms_single_b8`` and ``step_ms_ray_b8``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+
+import torch
+
+from icecache_ray.config import IceCacheConfig
+from icecache_ray.engine.cache import IceCache
+from icecache_ray.engine.generate import left_padded
+from icecache_ray.haystack import essay_prompt_ids
+from icecache_ray.model import load_model
+
+log = logging.getLogger("icecache_ray.bench.decode")
+
+TRANSPORT = ("Ray actor method calls (one `select` per index actor per layer and step, ids and queries "
+             "only); K/V into the actors and selected pages out of them through POSIX shared memory")
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m icecache_ray.bench.decode", description=__doc__.splitlines()[0])
+    p.add_argument("--batches", default="1,4,8")
+    p.add_argument("--length", type=int, default=1024, help="longest prompt (others spread down to half)")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--budget", type=int, default=128)
+    p.add_argument("--actors", type=int, default=1, help="index actors (layers dealt round-robin)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--model", default=None)
+    return p.parse_args(argv)
+
+
+def _prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
+    lengths = [length - (length // 2) * i // max(1, batch - 1) for i in range(batch)] if batch > 1 else [length]
+    return [essay_prompt_ids(tokenizer, n, seed=i)[0].tolist() for i, n in enumerate(lengths)]
+
+
+def _run(model, prompts, cache, steps: int) -> tuple[list[float], list[list[int]]]:
+    """Prefill the padded batch, then ``steps`` greedy steps; returns (step seconds, tokens [B][steps])."""
+    ids, mask = left_padded(prompts, 0)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    times, tokens = [], []
+    with torch.inference_mode():
+        logits = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            nxt = logits.argmax(-1, keepdim=True)
+            tokens.append(nxt[:, 0].tolist())
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            pos = pos[:, -1:] + 1
+            logits = model(nxt, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+            times.append(time.perf_counter() - t0)
+    return times, [list(col) for col in zip(*tokens)]
+
+
+def _row(mode: str, batch: int, times, cache, warmup: int) -> dict:
+    kept, steps = times[warmup:], cache.stats.steps[-len(times) + warmup :]
+    step_ms = 1e3 * statistics.fmean(kept)
+    parts = {f: statistics.fmean(getattr(s, f) for s in steps) for f in ("select_ms", "load_ms", "attend_ms")}
+    return {"mode": mode, "batch": batch, "step_ms": step_ms, "step_ms_median": 1e3 * statistics.median(kept), **parts,
+            "compute_ms": step_ms - sum(parts.values()), "select_frac": parts["select_ms"] / step_ms}
+
+
+class RayIndex:
+    """Index actors on a local Ray and the clients the caches use (created once per benchmark)."""
+
+    def __init__(self, cfg: IceCacheConfig, head_dim: int, n_actors: int) -> None:
+        from icecache_ray import ray_utils
+        from icecache_ray.pool import PagePool, PoolLayout
+        from icecache_ray.runtime.index_service import IndexService
+        from icecache_ray.runtime.remote_stores import RayHandle, ServiceClient
+
+        self.ray = ray_utils.connect(num_cpus=2, object_store_memory=100 * 1024**2)
+        actor_cls = self.ray.remote(num_cpus=0)(IndexService)
+        self.actors = [actor_cls.remote(cfg, head_dim, 1) for _ in range(n_actors)]
+        self.inbox = PagePool.create(PoolLayout(cfg.pool.capacity_pages, cfg.page_size, head_dim, "float32"))
+        self.clients = [ServiceClient(RayHandle(self.ray, a), self.inbox) for a in self.actors]
+
+    def factory(self, request_id: str):
+        from icecache_ray.runtime.remote_stores import RemoteStores
+
+        return lambda layer: (lambda: RemoteStores(self.clients[layer % len(self.clients)], layer, request_id))
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.ray.get([a.close.remote() for a in self.actors])
+        self.inbox.close()
+        self.inbox.unlink()
+        self.ray.shutdown()
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    cfg = IceCacheConfig(budget=args.budget)
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    remote = RayIndex(cfg, head_dim, args.actors)
+    rows, identical = [], True
+    try:
+        for batch in [int(b) for b in args.batches.split(",")]:
+            prompts = _prompts(tok, batch, args.length)
+            out = {}
+            for mode in ("single", "ray"):
+                factory = remote.factory(f"b{batch}") if mode == "ray" else None
+                cache = IceCache(model, cfg, stores_factory=factory)
+                try:
+                    times, out[mode] = _run(model, prompts, cache, args.steps + args.warmup)
+                    rows.append(_row(mode, batch, times, cache, args.warmup))
+                finally:
+                    cache.close()
+                log.info("batch %d %s: %.1f ms/step (select %.1f)", batch, mode, rows[-1]["step_ms"], rows[-1]["select_ms"])
+            rows[-1]["tokens_identical"] = out["single"] == out["ray"]
+            identical &= rows[-1]["tokens_identical"]
+    finally:
+        remote.close()
+    by = {(r["mode"], r["batch"]): r for r in rows}
+    summary = {"tokens_identical": identical, "transport": TRANSPORT}
+    if ("ray", 8) in by:
+        summary.update({"ray_select_overhead_frac_b8": by[("ray", 8)]["select_frac"],
+                        "step_ms_single_b8": by[("single", 8)]["step_ms"], "step_ms_ray_b8": by[("ray", 8)]["step_ms"]})
+    return {"config": {"budget": args.budget, "length": args.length, "steps": args.steps, "actors": args.actors,
+                       "torch_threads": torch.get_num_threads()}, "date": time.strftime("%Y-%m-%d"), "rows": rows, "summary": summary}
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = _parse(argv)
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(text + "\n")
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
