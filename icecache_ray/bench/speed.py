@@ -106,6 +106,7 @@ def _measure(model, ids, name: str, cache, args) -> dict:
         "steps": len(kept),
         "peak_device_kv_bytes_prefill": prefill_peak,
         "device_kv_bytes_decode": KVMeter(cache).current(),
+        "device_kv_bytes_decode_sparse_layers": KVMeter(cache).current(sparse_only=True),
         "tokens": tokens,
     }
     if isinstance(cache, IceCache) and cache.stats is not None:

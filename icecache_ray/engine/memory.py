@@ -27,9 +27,10 @@ def layer_device_bytes(layer) -> int:
     return _nbytes(getattr(layer, "keys", None), getattr(layer, "values", None))
 
 
-def device_kv_bytes(cache: Cache) -> int:
-    """Resident device K/V bytes of every layer of ``cache``."""
-    return sum(layer_device_bytes(layer) for layer in cache.layers)
+def device_kv_bytes(cache: Cache, sparse_only: bool = False) -> int:
+    """Resident device K/V bytes of every layer of ``cache`` (or of its sparse layers only: the
+    part that does not grow with the context)."""
+    return sum(layer_device_bytes(layer) for layer in cache.layers if not sparse_only or hasattr(layer, "device_bytes"))
 
 
 class KVMeter:
@@ -39,8 +40,8 @@ class KVMeter:
         self.cache = cache
         self.peak = 0
 
-    def current(self) -> int:
-        return device_kv_bytes(self.cache)
+    def current(self, sparse_only: bool = False) -> int:
+        return device_kv_bytes(self.cache, sparse_only)
 
     @contextlib.contextmanager
     def tracking(self):
