@@ -259,3 +259,28 @@ def test_shared_prefill_gives_the_same_tokens_as_generate(policy):
     cfg = IceCacheConfig(budget=64, policy=policy)
     shared = SharedPrefill(model, ids)
     assert shared.generate(cfg, 12).token_ids == generate(model, ids, cfg, max_new_tokens=12).token_ids
+
+
+def test_device_kv_is_bounded_during_prefill_and_constant_in_context_during_decode():
+    """Peak device K/V in prefill <= dense layers + one layer's full K/V + the resident sets; the
+    sparse layers' resident bytes do not depend on the context length."""
+    from icecache_ray.engine.memory import KVMeter
+
+    model = _model()
+    cfg = IceCacheConfig(budget=64, prefill_chunk=128)
+    resident = {}
+    for n in (600, 1200):
+        ids = torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(15))
+        cache = IceCache(model, cfg)
+        try:
+            meter = KVMeter(cache)
+            with meter.tracking(), torch.inference_mode():
+                model(ids, past_key_values=cache, use_cache=True)
+            layer_full = 2 * 2 * n * 16 * 4  # K and V, 2 KV heads, head_dim 16, float32
+            sparse = meter.current(sparse_only=True)
+            assert meter.peak <= 2 * layer_full + layer_full + sparse  # 2 dense layers + 1 transient
+            assert meter.peak < 4 * layer_full  # the whole prompt of every layer is never resident
+            resident[n] = sparse
+        finally:
+            cache.close()
+    assert resident[600] == resident[1200] > 0
