@@ -29,7 +29,7 @@ test-slow: setup
 
 # The main job on the embedded default: local Ray on loopback, bundled SmolLM2, example corpus.
 demo: setup
-	$(VPY) -m icecache_ray.jobs.summarize --input examples/corpus.jsonl --output out/demo-summaries
+	$(VPY) -m icecache_ray.jobs.summarize --input examples/corpus.jsonl --output out/demo-summaries --max-new-tokens 64
 
 demo-passkey: setup
 	$(VPY) -m icecache_ray.demo
