@@ -119,8 +119,9 @@ def load_model(
     path: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = "sdpa",
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` in eval mode.
+    with_tokenizer: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load ``(model, tokenizer)`` in eval mode (tokenizer ``None`` unless ``with_tokenizer``).
 
     ``path=None`` loads the bundled SmolLM2 (creating the cached copy on first use); otherwise
     ``path`` is a folder saved with ``save_pretrained`` (config.json, weights, tokenizer).
@@ -135,7 +136,7 @@ def load_model(
         raise FileNotFoundError(f"model folder {str(folder)!r} has no config.json (not a saved model)")
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if with_tokenizer else None
     model.eval()
     log.info("loaded %s (%s, attn=%s) in %.2f s", folder, dtype, model.config._attn_implementation, time.perf_counter() - t0)
     return model, tokenizer

@@ -137,6 +137,21 @@ def list_leaked_segments(prefix: str = PREFIX) -> list[str]:
         return []
 
 
+def remove_segment(name: str) -> bool:
+    """Unlink a segment whose owner is gone (e.g. the pool of an index actor that was killed and
+    is being restarted). Returns whether one existed. Processes still mapping it keep their view."""
+    _check_name(name, "remove_segment")
+    try:
+        shm = _open_untracked(name)
+    except FileNotFoundError:
+        return False
+    try:
+        shm.unlink()
+    finally:
+        shm.close()
+    return True
+
+
 def _open_untracked(name: str) -> shared_memory.SharedMemory:
     """Attach to an existing segment without registering it with the resource tracker.
 

@@ -90,19 +90,24 @@ class IceCache(Cache):
     """Dense layers for the first ``n_full_layers`` (and for every layer with policy ``full``),
     :class:`SparseLayer` for the rest."""
 
-    def __init__(self, model, config: IceCacheConfig | None = None, stores_factory=None) -> None:
+    def __init__(self, model, config: IceCacheConfig | None = None, stores_factory=None, layer_range: range | None = None) -> None:
         """``stores_factory(layer_idx)`` -> a zero-argument maker of that layer's store backend
-        (default: stores in this process; the Ray runtime passes remote index services)."""
+        (default: stores in this process; the Ray runtime passes remote index services).
+        ``layer_range``: the layers this cache serves (a pipeline stage); the others hold nothing.
+        A stage must not start inside a layer-reuse run (its anchor would live in another stage)."""
         config = config or IceCacheConfig()
         n_layers, head_dim = check_model(model, config)
+        served = layer_range if layer_range is not None else range(n_layers)
         self.config = config
         self.runtime = SparseRuntime(config, head_dim) if config.policy != "full" else None
         layers = []
         for i in range(n_layers):
-            if i < config.n_full_layers or self.runtime is None:
+            if i < config.n_full_layers or self.runtime is None or i not in served:
                 layers.append(DynamicLayer())
                 continue
             first_of_run = config.n_full_layers + (i - config.n_full_layers) // config.layer_reuse * config.layer_reuse
+            if first_of_run not in served:
+                raise ValueError(f"layer_range={served}: starts inside a layer_reuse={config.layer_reuse} run (anchor layer {first_of_run})")
             anchor = layers[first_of_run] if first_of_run != i else None
             layers.append(SparseLayer(i, self.runtime, anchor, stores_factory(i) if stores_factory else None))
         super().__init__(layers=layers)

@@ -18,7 +18,7 @@ import numpy as np
 
 from icecache_ray.config import IceCacheConfig
 from icecache_ray.policies import make_policy
-from icecache_ray.pool import PagePool, PoolLayout
+from icecache_ray.pool import PagePool, PoolLayout, remove_segment
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +53,28 @@ def read_inbox(inbox: PagePool, item: InboxItem) -> tuple[np.ndarray, np.ndarray
 class IndexService:
     """Stores of the (sequence, layer, KV head) partitions given to it (see module docstring)."""
 
-    def __init__(self, config: IceCacheConfig, head_dim: int, numba_threads: int | None = None) -> None:
+    def __init__(self, config: IceCacheConfig, head_dim: int, numba_threads: int | None = None, pool_name: str | None = None) -> None:
+        """``pool_name``: a fixed name for the pool, so a restarted actor (same arguments) replaces
+        the segment its dead predecessor left behind instead of leaking it."""
         if numba_threads:
             os.environ["NUMBA_NUM_THREADS"] = str(numba_threads)
         self.config = config
         layout = PoolLayout(config.pool.capacity_pages, config.page_size, head_dim, "float32")
-        self.pool = PagePool.create(layout) if config.policy == "icecache" else None
+        self.pool = None
+        if config.policy == "icecache":
+            if pool_name is not None and remove_segment(pool_name):
+                log.warning("index service: replaced the stale pool %s of a previous incarnation", pool_name)
+            self.pool = PagePool.create(layout, name=pool_name)
         self.policy = make_policy(config.policy, head_dim, config.page_size, pool=self.pool, index=config.index)
         self.stores: dict[tuple[str, int, int], object] = {}
         self.dirty: dict[tuple[str, int, int], list[np.ndarray]] = {}
         self._inboxes: dict[str, PagePool] = {}
 
     # ------------------------------------------------------------------ transport helpers
+    def ping(self) -> int:
+        """Liveness check: this process's pid."""
+        return os.getpid()
+
     def pool_name(self) -> str | None:
         return self.pool.name if self.pool is not None else None
 

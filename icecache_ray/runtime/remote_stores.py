@@ -6,16 +6,27 @@
 request per layer covering every sequence and head, and selected pages are read in place from the
 service's pool. Handles make the transport pluggable: :class:`InProcessHandle` (same process,
 tests) and :class:`RayHandle` (an actor).
+
+Recovery: with ``keep_log`` the worker keeps the inbox pages of every build and insert until the
+sequence is released (a replay log in the node's shared memory, costing one more host copy of the
+offloaded K/V). If the service dies and is restarted, the next call that fails waits for the new
+incarnation, replays every store's log in order (the index is deterministic, so the rebuilt stores
+equal the lost ones) and retries; the layers then reload all their slots once.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
+import weakref
 
 import numpy as np
 
 from icecache_ray.pool import PagePool
 from icecache_ray.runtime.index_service import InboxItem, write_inbox
+
+log = logging.getLogger(__name__)
 
 
 class _Done:
@@ -28,6 +39,8 @@ class _Done:
 
 class InProcessHandle:
     """Calls a service object directly."""
+
+    failures: tuple = ()
 
     def __init__(self, service) -> None:
         self.service = service
@@ -49,18 +62,51 @@ class RayHandle:
 
     def __init__(self, ray, actor) -> None:
         self.ray, self.actor = ray, actor
+        self.failures = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
     def submit(self, method: str, *args) -> _RayResult:
         return _RayResult(self.ray, getattr(self.actor, method).remote(*args))
 
 
 class ServiceClient:
-    """The worker side of one index service: its handle, its pool (attached), the worker's inbox."""
+    """The worker side of one index service: its handle, its pool (attached), the worker's inbox,
+    and the stores that use it (for recovery, see module docstring)."""
 
-    def __init__(self, handle, inbox: PagePool) -> None:
+    def __init__(self, handle, inbox: PagePool, keep_log: bool = False, recover_timeout_s: float = 60.0) -> None:
         self.handle, self.inbox = handle, inbox
-        name = handle.submit("pool_name").result()
+        self.keep_log, self.recover_timeout_s = keep_log, recover_timeout_s
+        self.generation = 0  # incarnations of the service seen so far - 1
+        self.stores: weakref.WeakSet = weakref.WeakSet()
+        self.pool = None
+        self._attach()
+
+    def _attach(self) -> None:
+        name = self.handle.submit("pool_name").result()
         self.pool = PagePool.attach(name) if name else None
+
+    def recover(self, seen_generation: int, cause: BaseException) -> None:
+        """The service failed: wait for its new incarnation and replay every store's log.
+        A no-op if another store already recovered past ``seen_generation``."""
+        if self.generation > seen_generation:
+            return
+        if not self.keep_log:
+            raise RuntimeError(f"an index service died and this worker keeps no replay log ({cause})") from cause
+        log.warning("index service failed (%s); waiting for its restart and replaying %d store(s)", type(cause).__name__, len(self.stores))
+        deadline = time.monotonic() + self.recover_timeout_s
+        while True:
+            try:
+                self.handle.submit("ping").result()
+                break
+            except self.handle.failures as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"an index service died and did not come back within {self.recover_timeout_s:.0f} s") from exc
+                time.sleep(0.2)
+        if self.pool is not None:
+            self.pool.close()
+        self._attach()
+        self.generation += 1
+        for store in list(self.stores):
+            store.replay()
 
     def close(self) -> None:
         if self.pool is not None:
@@ -79,6 +125,26 @@ class RemoteStores:
         self.seqs: list[str] = []
         self.heads = 0
         self.pending = None  # (future, inbox pages to free when it is done)
+        self.log: list[tuple[str, list[InboxItem]]] = []  # replay log (client.keep_log)
+        self.kept_pages: list[np.ndarray] = []  # inbox pages the log refers to
+        self.reload_all = False  # set by a replay: the next selection invalidates every slot
+        client.stores.add(self)
+
+    def _call(self, method: str, *args):
+        """One request; if the service died, recover (see module docstring) and retry once."""
+        seen = self.client.generation
+        try:
+            return self.client.handle.submit(method, *args).result()
+        except self.client.handle.failures as exc:
+            self.client.recover(seen, exc)
+            return self.client.handle.submit(method, *args).result()
+
+    def replay(self) -> None:
+        """Rebuild this layer's stores in a restarted service from the kept inbox pages."""
+        self.pending = None
+        for method, items in self.log:
+            self.client.handle.submit(method, self.client.inbox.name, self.layer, items).result()
+        self.reload_all = True
 
     @property
     def pool(self) -> PagePool:
@@ -93,8 +159,13 @@ class RemoteStores:
                 ids = write_inbox(self.client.inbox, k[h], v[h]) if k.shape[1] else np.zeros(0, np.int64)
                 items.append(InboxItem(seq, h, ids, int(k.shape[1])))
                 pages.append(ids)
+        pages = np.concatenate(pages) if pages else np.zeros(0, np.int64)
+        if self.client.keep_log:
+            self.log.append((method, items))
+            self.kept_pages.append(pages)
+            pages = np.zeros(0, np.int64)  # freed at close instead
         future = self.client.handle.submit(method, self.client.inbox.name, self.layer, items)
-        self.pending = (future, np.concatenate(pages) if pages else np.zeros(0, np.int64))
+        self.pending = (future, pages, self.client.generation)
 
     def build(self, middles: list[tuple[np.ndarray, np.ndarray]]) -> None:
         self.seqs = [f"{self.request_id}-{b}" for b in range(len(middles))]
@@ -109,10 +180,12 @@ class RemoteStores:
         with the next selection, so there is nothing to return.)"""
         if self.pending is None:
             return None
-        future, pages = self.pending
+        future, pages, seen = self.pending
         self.pending = None
         try:
             future.result()
+        except self.client.handle.failures as exc:
+            self.client.recover(seen, exc)  # the replay includes this request
         finally:
             if len(pages):
                 self.client.inbox.free(pages)
@@ -125,7 +198,12 @@ class RemoteStores:
         batch, heads = host_q.shape[:2]
         seqs = [s for s in self.seqs for _ in range(heads)]
         hs = [h for _ in range(batch) for h in range(heads)]
-        answer = self.client.handle.submit("select", self.layer, seqs, hs, host_q.reshape(batch * heads, *host_q.shape[2:]), k, with_tokens).result()
+        self.wait()
+        answer = self._call("select", self.layer, seqs, hs, host_q.reshape(batch * heads, *host_q.shape[2:]), k, with_tokens)
+        if self.reload_all:  # pool page ids of the old incarnation mean nothing now
+            every = np.arange(self.pool.layout.capacity_pages)
+            answer = [(pp, cnt, every, tok) for pp, cnt, _, tok in answer]
+            self.reload_all = False
         picks = [(i // heads, i % heads, pp, cnt, dirty) for i, (pp, cnt, dirty, _) in enumerate(answer)]
         tokens = [[answer[b * heads + h][3] for h in range(heads)] for b in range(batch)] if with_tokens else None
         return picks, tokens
@@ -135,7 +213,7 @@ class RemoteStores:
 
     def rows(self, b: int, h: int, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """K, V [n, d] of middle tokens, read in place from the service's pool."""
-        pool_pages, slots = self.client.handle.submit("token_rows", self.layer, self.seqs[b], h, tokens).result()
+        pool_pages, slots = self._call("token_rows", self.layer, self.seqs[b], h, tokens)
         rows = self.pool.pages[pool_pages, :, slots]  # [n, 2, d]
         return np.ascontiguousarray(rows[:, 0]), np.ascontiguousarray(rows[:, 1])
 
@@ -149,7 +227,14 @@ class RemoteStores:
     def close(self) -> None:
         try:
             self.wait()
-        finally:
             for seq in self.seqs:
                 self.client.handle.submit("release", seq).result()
+        except self.client.handle.failures:
+            log.warning("layer %d: the index service is gone; nothing to release there", self.layer)
+        finally:
             self.seqs = []
+            for pages in self.kept_pages:
+                if len(pages):
+                    self.client.inbox.free(pages)
+            self.kept_pages, self.log = [], []
+            self.client.stores.discard(self)
