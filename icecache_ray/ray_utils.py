@@ -31,8 +31,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, object_stor
     else:
         loopback_env()
         log.info("starting a local Ray on %s", LOOPBACK)
-        ray.init(
-            _node_ip_address=LOOPBACK, include_dashboard=False, num_cpus=num_cpus,
+        ray.init(  # "local": always a new instance, never a cluster some other process left running
+            address="local", _node_ip_address=LOOPBACK, include_dashboard=False, num_cpus=num_cpus,
             object_store_memory=object_store_memory, log_to_driver=True,
         )
     return ray

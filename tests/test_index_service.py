@@ -9,7 +9,7 @@ import torch
 from icecache_ray.config import IceCacheConfig
 from icecache_ray.engine.cache import IceCache
 from icecache_ray.pool import PagePool, PoolLayout
-from icecache_ray.runtime.index_service import IndexService, InboxItem, read_inbox, write_inbox
+from icecache_ray.runtime.index_service import IndexService, InboxItem, LostStores, read_inbox, write_inbox
 from icecache_ray.runtime.remote_stores import InProcessHandle, RayHandle, RemoteStores, ServiceClient
 from tests.test_engine import _decode_logits, _model
 
@@ -103,3 +103,52 @@ def test_index_actor_on_ray_gives_the_same_tokens():
         inbox.close()
         inbox.unlink()
         ray.shutdown()
+
+
+class _RestartableHandle(InProcessHandle):
+    """An in-process service that can be 'restarted': a new incarnation with empty stores and a
+    fresh pool under the same name (as a restarted actor gets), the old one's pool gone."""
+
+    failures = (LostStores,)
+
+    def restart(self) -> None:
+        old = self.service
+        old.pool.close()
+        self.service = IndexService(old.config, 16, pool_name=old.pool.name)  # replaces the stale segment
+
+
+def test_a_restarted_service_is_rebuilt_from_the_replay_log_with_the_same_tokens():
+    """Kill-and-restart between decode steps: the worker replays its kept inbox pages and the
+    tokens stay exactly those of an undisturbed run; every page is given back at the end."""
+    model = _model()
+    ids = torch.randint(0, 96, (1, 500), generator=torch.Generator().manual_seed(15))
+    cfg = IceCacheConfig(budget=64)
+    local = IceCache(model, cfg)
+    try:
+        want = _decode_logits(model, ids, local, 40).argmax(-1)
+    finally:
+        local.close()
+    name = f"icr_{os.getpid()}_restart_test"
+    handle = _RestartableHandle(IndexService(cfg, 16, pool_name=name))
+    inbox = PagePool.create(PoolLayout(4096, 16, 16, "float32"))
+    client = ServiceClient(handle, inbox, keep_log=True, recover_timeout_s=5)
+    cache = IceCache(model, cfg, stores_factory=lambda layer: (lambda: RemoteStores(client, layer, "req")))
+    got = []
+    try:
+        with torch.inference_mode():
+            logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            for step in range(40):
+                got.append(logits.argmax(-1))
+                if step == 20:  # pages inserted since the prefill must come back too
+                    handle.restart()
+                nxt = logits.argmax(-1, keepdim=True)
+                logits = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+        assert client.generation == 1
+    finally:
+        cache.close()
+        client.close()
+        handle.service.close()
+        assert inbox.num_used == 0
+        inbox.close()
+        inbox.unlink()
+    assert torch.equal(torch.cat(got), want)

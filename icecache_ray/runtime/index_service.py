@@ -23,6 +23,11 @@ from icecache_ray.pool import PagePool, PoolLayout, remove_segment
 log = logging.getLogger(__name__)
 
 
+class LostStores(KeyError):
+    """A request names a store this service does not hold: it was restarted since the store was
+    built (the caller replays its log, see ``remote_stores``) or the sequence was released."""
+
+
 @dataclass(frozen=True)
 class InboxItem:
     """One (sequence, KV head)'s rows in the inbox: ``pages`` hold ``n`` rows, page after page."""
@@ -83,6 +88,12 @@ class IndexService:
             self._inboxes[name] = PagePool.attach(name)
         return self._inboxes[name]
 
+    def _store(self, key: tuple[str, int, int]):
+        try:
+            return self.stores[key]
+        except KeyError:
+            raise LostStores(f"no store for sequence {key[0]!r}, layer {key[1]}, KV head {key[2]} in service pid {os.getpid()}") from None
+
     # ------------------------------------------------------------------ writes
     def build(self, inbox: str, layer: int, items: list[InboxItem]) -> int:
         """New stores from inbox rows (an item with n = 0 makes an empty store). Returns tokens."""
@@ -100,7 +111,7 @@ class IndexService:
             if not it.n:
                 continue
             key = (it.seq, layer, it.head)
-            pages = self.stores[key].insert(*read_inbox(box, it))
+            pages = self._store(key).insert(*read_inbox(box, it))
             if self.pool is not None:
                 self.dirty.setdefault(key, []).append(self.stores[key].index.table.page_pool[pages])
         return sum(it.n for it in items)
@@ -114,7 +125,7 @@ class IndexService:
         out = []
         for seq, head, q in zip(seqs, heads, queries):
             key = (seq, layer, head)
-            store = self.stores[key]
+            store = self._store(key)
             dirty = self.dirty.pop(key, [])
             dirty = np.concatenate(dirty) if dirty else np.zeros(0, np.int64)
             if self.pool is None:
@@ -128,7 +139,7 @@ class IndexService:
     def token_rows(self, layer: int, seq: str, head: int, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Where the rows of middle tokens are: (pool pages [n], rows in page [n]) (icecache), so a
         reader on the node copies them in place."""
-        index = self.stores[(seq, layer, head)].index
+        index = self._store((seq, layer, head)).index
         page, slot = index.token_locations(tokens)
         return index.table.page_pool[page], slot
 

@@ -24,7 +24,7 @@ import weakref
 import numpy as np
 
 from icecache_ray.pool import PagePool
-from icecache_ray.runtime.index_service import InboxItem, write_inbox
+from icecache_ray.runtime.index_service import InboxItem, LostStores, write_inbox
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ class RayHandle:
 
     def __init__(self, ray, actor) -> None:
         self.ray, self.actor = ray, actor
-        self.failures = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        # LostStores: the call reached a restarted incarnation before anyone saw the old one fail
+        self.failures = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, LostStores)
 
     def submit(self, method: str, *args) -> _RayResult:
         return _RayResult(self.ray, getattr(self.actor, method).remote(*args))

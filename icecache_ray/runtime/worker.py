@@ -111,7 +111,8 @@ class StageWorker:
     def stats(self) -> dict:
         return {"active_groups": len(self.caches), "decode_steps": len(self.step_ms),
                 "step_ms_mean": sum(self.step_ms) / len(self.step_ms) if self.step_ms else 0.0,
-                "inbox_pages_used": self.inbox.num_used if self.inbox is not None else 0}
+                "inbox_pages_used": self.inbox.num_used if self.inbox is not None else 0,
+                "index_recoveries": sum(c.generation for c in self.clients)}
 
     def close(self) -> None:
         """Release every group and unlink the inbox (idempotent)."""
