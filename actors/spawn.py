@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from icecache_ray.config import IceCacheConfig, PoolConfig
 from icecache_ray.runtime.admission import DeploymentConfig
-from icecache_ray.runtime.index_service import IndexService
+from icecache_ray.actors.index import IndexActor
 from icecache_ray.runtime.worker import StageWorker
 
 INDEX_MAX_RESTARTS = 3
@@ -23,7 +23,7 @@ def _in_bundle(pg):
 def spawn_index_actor(ray, pg, dep: DeploymentConfig, ice: IceCacheConfig, head_dim: int, pool_name: str):
     """One index actor (CPU) with its own pool of ``dep.pages_per_index_actor`` pages."""
     cfg = ice.with_(pool=PoolConfig(dtype=ice.pool.dtype, capacity_pages=dep.pages_per_index_actor))
-    actor = ray.remote(IndexService).options(num_cpus=dep.index_num_cpus, max_restarts=INDEX_MAX_RESTARTS,
+    actor = ray.remote(IndexActor).options(num_cpus=dep.index_num_cpus, max_restarts=INDEX_MAX_RESTARTS,
                                              max_task_retries=0, scheduling_strategy=_in_bundle(pg))
     return actor.remote(cfg, head_dim, 1, pool_name)
 
@@ -36,4 +36,4 @@ def spawn_worker(ray, pg, dep: DeploymentConfig, ice: IceCacheConfig, model_path
                                             resources=dict(dep.worker_resources) or None, max_restarts=0,
                                             scheduling_strategy=_in_bundle(pg))
     return actor.remote(None if model_path is None else str(model_path), cfg, layers.start, layers.stop, index_actors,
-                        dep.threads, dep.worker_num_gpus, inbox_name, dep.keep_replay_log)
+                        dep.threads, dep.worker_num_gpus, inbox_name, dep.keep_replay_log, dep.same_node_channel)

@@ -3,15 +3,18 @@
 ``python -m icecache_ray.bench.decode --json OUT [--batches 1,4,8] [--length 1024] [--steps 16]``
 
 For each batch size the same left-padded batch of essay prompts (lengths spread over
-``--length`` / 2 .. ``--length``) is prefilled and greedily decoded twice with icecache@``--budget``:
-(a) ``single``: the stores in this process (``LocalStores``); (b) ``ray``: the stores in
-``--actors`` index actors on a local Ray (loopback), K/V in through a shared-memory inbox, one
-``select`` request per actor per layer and step, pages read in place from the actors' pools
-(``RemoteStores``). The model runs in this process in both modes. Per step: total time, and the
-parts from ``StepStats`` (select = selection, including the request round trip in Ray mode;
-load; attend; compute = the rest). Prints JSON; ``summary`` holds ``ray_select_overhead_frac_b8``
-(select time / step time, Ray mode, batch 8), ``tokens_identical`` (Ray vs single, every batch),
-``step_ms_single_b8`` and ``step_ms_ray_b8``.
+``--length`` / 2 .. ``--length``) is prefilled and greedily decoded with icecache@``--budget`` in
+three modes: ``single``: the stores in this process (``LocalStores``); ``ray``: the stores in
+``--actors`` index actors on a local Ray (loopback), every request a Ray actor call; ``channel``:
+the same actors, but the per-layer selection requests go over same-node named pipes
+(``icecache_ray.actors.channel``, the runtime's default). In both actor modes K/V goes in through a
+shared-memory inbox and selected pages are read in place from the actors' pools. The model runs
+in this process in every mode. Per step: total time and the parts from ``StepStats`` (select =
+selection including the request round trip in actor modes, split into the time inside the actor
+and the transport; load; attend; compute = the rest). Prints JSON; ``summary`` holds
+``ray_select_overhead_frac_b8`` (select time / step time at batch 8 with the runtime's transport,
+the channel), ``tokens_identical`` (every actor mode vs single, every batch),
+``step_ms_single_b8`` and ``step_ms_ray_b8``; the Ray-call transport's numbers are reported too.
 """
 
 from __future__ import annotations
@@ -33,8 +36,11 @@ from icecache_ray.model import load_model
 
 log = logging.getLogger("icecache_ray.bench.decode")
 
-TRANSPORT = ("Ray actor method calls (one `select` per index actor per layer and step, ids and queries "
-             "only); K/V into the actors and selected pages out of them through POSIX shared memory")
+TRANSPORTS = {
+    "channel": "same-node named pipes (one pickled `select` request per index actor per layer and step: ids and "
+               "queries only); builds/inserts as Ray calls; K/V in and pages out through POSIX shared memory",
+    "ray": "Ray actor method calls for every request (same payloads); K/V and pages through POSIX shared memory",
+}
 
 
 def _parse(argv):
@@ -56,14 +62,17 @@ def _prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
     return [essay_prompt_ids(tokenizer, n, seed=i)[0].tolist() for i, n in enumerate(lengths)]
 
 
-def _run(model, prompts, cache, steps: int) -> tuple[list[float], list[list[int]]]:
-    """Prefill the padded batch, then ``steps`` greedy steps; returns (step seconds, tokens [B][steps])."""
+def _run(model, prompts, cache, steps: int, warmup: int = 0, on_warm=None) -> tuple[list[float], list[list[int]]]:
+    """Prefill the padded batch, then ``steps`` greedy steps; returns (step seconds, tokens [B][steps]).
+    ``on_warm()`` is called after the first ``warmup`` steps."""
     ids, mask = left_padded(prompts, 0)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     times, tokens = [], []
     with torch.inference_mode():
         logits = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
-        for _ in range(steps):
+        for i in range(steps):
+            if i == warmup and on_warm is not None:
+                on_warm()
             t0 = time.perf_counter()
             nxt = logits.argmax(-1, keepdim=True)
             tokens.append(nxt[:, 0].tolist())
@@ -83,32 +92,61 @@ def _row(mode: str, batch: int, times, cache, warmup: int) -> dict:
 
 
 class RayIndex:
-    """Index actors on a local Ray and the clients the caches use (created once per benchmark)."""
+    """Index actors on a local Ray and the clients the caches use, per transport."""
 
     def __init__(self, cfg: IceCacheConfig, head_dim: int, n_actors: int) -> None:
         from icecache_ray import ray_utils
+        from icecache_ray.actors.channel import ChannelHandle
+        from icecache_ray.actors.index import IndexActor
         from icecache_ray.pool import PagePool, PoolLayout
-        from icecache_ray.runtime.index_service import IndexService
         from icecache_ray.runtime.remote_stores import RayHandle, ServiceClient
 
         self.ray = ray_utils.connect(num_cpus=2, object_store_memory=100 * 1024**2)
-        actor_cls = self.ray.remote(num_cpus=0)(IndexService)
+        actor_cls = self.ray.remote(num_cpus=0)(IndexActor)
         self.actors = [actor_cls.remote(cfg, head_dim, 1) for _ in range(n_actors)]
         self.inbox = PagePool.create(PoolLayout(cfg.pool.capacity_pages, cfg.page_size, head_dim, "float32"))
-        self.clients = [ServiceClient(RayHandle(self.ray, a), self.inbox) for a in self.actors]
+        rays = [RayHandle(self.ray, a) for a in self.actors]
+        self.clients = {
+            "ray": [ServiceClient(h, self.inbox) for h in rays],
+            "channel": [ServiceClient(ChannelHandle(h, f"{self.inbox.name}_{k}"), self.inbox) for k, h in enumerate(rays)],
+        }
 
-    def factory(self, request_id: str):
+    def select_ms_inside(self) -> float:
+        """Milliseconds the actors spent inside ``select`` so far (all calls)."""
+        return sum(s["select_ms_inside"] for s in self.ray.get([a.stats.remote() for a in self.actors]))
+
+    def factory(self, transport: str, request_id: str):
         from icecache_ray.runtime.remote_stores import RemoteStores
 
-        return lambda layer: (lambda: RemoteStores(self.clients[layer % len(self.clients)], layer, request_id))
+        clients = self.clients[transport]
+        return lambda layer: (lambda: RemoteStores(clients[layer % len(clients)], layer, request_id))
 
     def close(self) -> None:
-        for c in self.clients:
-            c.close()
+        for clients in self.clients.values():
+            for c in clients:
+                c.close()
         self.ray.get([a.close.remote() for a in self.actors])
         self.inbox.close()
         self.inbox.unlink()
         self.ray.shutdown()
+
+
+def _measure(model, prompts, cfg, args, remote: RayIndex, mode: str, batch: int) -> tuple[dict, list]:
+    """One mode at one batch size: the row and the tokens."""
+    factory = remote.factory(mode, f"{mode}{batch}") if mode != "single" else None
+    cache = IceCache(model, cfg, stores_factory=factory)
+    inside = []
+    warm = (lambda: inside.append(remote.select_ms_inside())) if mode != "single" else None
+    try:
+        times, tokens = _run(model, prompts, cache, args.steps + args.warmup, args.warmup, warm)
+        row = _row(mode, batch, times, cache, args.warmup)
+        if inside:  # selection work inside the actors vs transport, over the measured steps
+            row["select_ms_inside_actor"] = (remote.select_ms_inside() - inside[0]) / args.steps
+            row["select_ms_transport"] = row["select_ms"] - row["select_ms_inside_actor"]
+    finally:
+        cache.close()
+    log.info("batch %d %s: %.1f ms/step (select %.1f)", batch, mode, row["step_ms"], row["select_ms"])
+    return row, tokens
 
 
 def run(args) -> dict:
@@ -123,24 +161,20 @@ def run(args) -> dict:
         for batch in [int(b) for b in args.batches.split(",")]:
             prompts = _prompts(tok, batch, args.length)
             out = {}
-            for mode in ("single", "ray"):
-                factory = remote.factory(f"b{batch}") if mode == "ray" else None
-                cache = IceCache(model, cfg, stores_factory=factory)
-                try:
-                    times, out[mode] = _run(model, prompts, cache, args.steps + args.warmup)
-                    rows.append(_row(mode, batch, times, cache, args.warmup))
-                finally:
-                    cache.close()
-                log.info("batch %d %s: %.1f ms/step (select %.1f)", batch, mode, rows[-1]["step_ms"], rows[-1]["select_ms"])
-            rows[-1]["tokens_identical"] = out["single"] == out["ray"]
-            identical &= rows[-1]["tokens_identical"]
+            for mode in ("single", "channel", "ray"):
+                row, out[mode] = _measure(model, prompts, cfg, args, remote, mode, batch)
+                if mode != "single":
+                    row["tokens_identical"] = out[mode] == out["single"]
+                    identical &= row["tokens_identical"]
+                rows.append(row)
     finally:
         remote.close()
     by = {(r["mode"], r["batch"]): r for r in rows}
-    summary = {"tokens_identical": identical, "transport": TRANSPORT}
-    if ("ray", 8) in by:
-        summary.update({"ray_select_overhead_frac_b8": by[("ray", 8)]["select_frac"],
-                        "step_ms_single_b8": by[("single", 8)]["step_ms"], "step_ms_ray_b8": by[("ray", 8)]["step_ms"]})
+    summary = {"tokens_identical": identical, "transport": TRANSPORTS["channel"], "also_tried": TRANSPORTS["ray"]}
+    if ("channel", 8) in by:
+        summary.update({"ray_select_overhead_frac_b8": by[("channel", 8)]["select_frac"],
+                        "step_ms_single_b8": by[("single", 8)]["step_ms"], "step_ms_ray_b8": by[("channel", 8)]["step_ms"],
+                        "ray_calls_select_frac_b8": by[("ray", 8)]["select_frac"], "step_ms_ray_calls_b8": by[("ray", 8)]["step_ms"]})
     return {"config": {"budget": args.budget, "length": args.length, "steps": args.steps, "actors": args.actors,
                        "torch_threads": torch.get_num_threads()}, "date": time.strftime("%Y-%m-%d"), "rows": rows, "summary": summary}
 

@@ -36,6 +36,8 @@ class DeploymentConfig:
     keep_replay_log: keep offloaded K/V in the worker's inbox so a restarted index actor can be
         rebuilt exactly (one more host copy); without it, an index-actor death fails its requests.
     call_timeout_s: a stage call slower than this fails its request (never a hang).
+    same_node_channel: selection requests go over named pipes to the index actors on the
+        worker's node instead of Ray calls (``icecache_ray.actors.channel``).
     """
 
     address: str | None = None
@@ -51,6 +53,7 @@ class DeploymentConfig:
     max_batch: int = 8
     keep_replay_log: bool = True
     call_timeout_s: float = 600.0
+    same_node_channel: bool = True
 
     def __post_init__(self) -> None:
         for name in ("replicas", "stages", "pool_pages_per_node", "threads", "max_batch"):

@@ -332,6 +332,7 @@ class Deployment:
         if self._closed:
             return
         self._closed = True
+        from icecache_ray.actors.channel import remove_channels
         from icecache_ray.pool import remove_segment
 
         ray = self.ray if hasattr(self, "ray") else None
@@ -347,6 +348,7 @@ class Deployment:
                     ray.util.remove_placement_group(pg)
         for name in self.segments:  # what killed actors on this node could not unlink themselves
             remove_segment(name)
+        remove_channels(f"icr_{self.id}_")
         if ray is not None and self._started_ray and ray.is_initialized():
             ray.shutdown()
         log.info("deployment %s shut down", self.id)

@@ -11,7 +11,10 @@ and all the heads of one layer the service owns (one request per service per lay
 from __future__ import annotations
 
 import logging
+import functools
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +24,52 @@ from icecache_ray.policies import make_policy
 from icecache_ray.pool import PagePool, PoolLayout, remove_segment
 
 log = logging.getLogger(__name__)
+
+
+def _locked(method):
+    """Serialise a public method: a service may be called from its actor's thread and from a
+    same-node channel thread (``icecache_ray.actors.channel``) at once."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+_EMPTY = np.zeros(0, np.int64)
+
+
+def pack_ragged(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(concatenation, bounds [n + 1]) of n 1-D int arrays; :func:`unpack_ragged` inverts it."""
+    bounds = np.zeros(len(arrays) + 1, np.int64)
+    np.cumsum([len(a) for a in arrays], out=bounds[1:])
+    return (np.concatenate(arrays).astype(np.int64) if arrays else _EMPTY), bounds
+
+
+def unpack_ragged(flat: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
+    """The arrays packed by :func:`pack_ragged` (views of ``flat``)."""
+    return [flat[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A select answer for n items: pages[page_bounds[i]:page_bounds[i+1]] are item i's pool pages
+    and counts[...] (same bounds) their valid rows; dirty/dirty_bounds its changed pool pages;
+    tokens: per-item middle-token ids, or None."""
+
+    pages: np.ndarray
+    page_bounds: np.ndarray
+    counts: np.ndarray
+    dirty: np.ndarray
+    dirty_bounds: np.ndarray
+    tokens: list | None
+
+    def items(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per item: (pool pages, valid rows, changed pool pages)."""
+        return list(zip(unpack_ragged(self.pages, self.page_bounds), unpack_ragged(self.counts, self.page_bounds),
+                        unpack_ragged(self.dirty, self.dirty_bounds)))
 
 
 class LostStores(KeyError):
@@ -74,6 +123,8 @@ class IndexService:
         self.stores: dict[tuple[str, int, int], object] = {}
         self.dirty: dict[tuple[str, int, int], list[np.ndarray]] = {}
         self._inboxes: dict[str, PagePool] = {}
+        self._lock = threading.RLock()
+        self.select_calls, self.select_s = 0, 0.0  # time spent inside select (not transport)
 
     # ------------------------------------------------------------------ transport helpers
     def ping(self) -> int:
@@ -95,6 +146,7 @@ class IndexService:
             raise LostStores(f"no store for sequence {key[0]!r}, layer {key[1]}, KV head {key[2]} in service pid {os.getpid()}") from None
 
     # ------------------------------------------------------------------ writes
+    @_locked
     def build(self, inbox: str, layer: int, items: list[InboxItem]) -> int:
         """New stores from inbox rows (an item with n = 0 makes an empty store). Returns tokens."""
         box = self._inbox(inbox)
@@ -103,6 +155,7 @@ class IndexService:
             self.stores[(it.seq, layer, it.head)] = self.policy.build(k, v)
         return sum(it.n for it in items)
 
+    @_locked
     def insert(self, inbox: str, layer: int, items: list[InboxItem]) -> int:
         """Append inbox rows to existing stores; the changed pool pages are reported by the next
         :meth:`select` of each (sequence, head). Returns tokens inserted."""
@@ -117,25 +170,37 @@ class IndexService:
         return sum(it.n for it in items)
 
     # ------------------------------------------------------------------ reads
+    @_locked
     def select(self, layer: int, seqs: list[str], heads: list[int], queries: np.ndarray, k: int, with_tokens: bool = False):
         """Top-k pages of each (seqs[i], heads[i]) for queries [n, g * q, d] (float32).
 
-        Returns one tuple per item: (pool pages, valid rows, changed pool pages since the last
-        select, middle-token ids or None)."""
-        out = []
+        Returns a :class:`Selection` (flat arrays, so an answer pickles as a handful of buffers):
+        per item its pool pages, their valid rows, the pool pages changed since its last select,
+        and (``with_tokens``, or a policy without pages) its middle-token ids."""
+        t0 = time.perf_counter()
+        pages_out, counts_out, dirty_out, tokens_out = [], [], [], []
         for seq, head, q in zip(seqs, heads, queries):
             key = (seq, layer, head)
             store = self._store(key)
             dirty = self.dirty.pop(key, [])
-            dirty = np.concatenate(dirty) if dirty else np.zeros(0, np.int64)
+            dirty_out.append(np.concatenate(dirty) if dirty else _EMPTY)
             if self.pool is None:
-                sel = self.policy.select(store, q, k)
-                out.append((None, None, dirty, sel.tokens))
+                pages_out.append(_EMPTY)
+                counts_out.append(_EMPTY)
+                tokens_out.append(self.policy.select(store, q, k).tokens)
                 continue
             pages, pool_pages, counts = store.select_pages(np.ascontiguousarray(q), k)
-            out.append((pool_pages, counts, dirty, store.tokens_of(pages) if with_tokens else None))
+            pages_out.append(pool_pages)
+            counts_out.append(counts)
+            if with_tokens:
+                tokens_out.append(store.tokens_of(pages))
+        out = Selection(*pack_ragged(pages_out), np.concatenate(counts_out).astype(np.int64), *pack_ragged(dirty_out),
+                        tokens_out if tokens_out else None)
+        self.select_calls += 1
+        self.select_s += time.perf_counter() - t0
         return out
 
+    @_locked
     def token_rows(self, layer: int, seq: str, head: int, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Where the rows of middle tokens are: (pool pages [n], rows in page [n]) (icecache), so a
         reader on the node copies them in place."""
@@ -144,6 +209,7 @@ class IndexService:
         return index.table.page_pool[page], slot
 
     # ------------------------------------------------------------------ lifecycle
+    @_locked
     def release(self, seq: str) -> int:
         """Free every store of a sequence. Returns how many were freed."""
         keys = [key for key in self.stores if key[0] == seq]
@@ -152,12 +218,15 @@ class IndexService:
             self.dirty.pop(key, None)
         return len(keys)
 
+    @_locked
     def stats(self) -> dict:
         tokens = sum(s.n_tokens for s in self.stores.values())
         return {"stores": len(self.stores), "token_heads": tokens,
                 "pool_pages_used": self.pool.num_used if self.pool is not None else 0,
-                "index_bytes": sum(s.metadata_bytes() for s in self.stores.values())}
+                "index_bytes": sum(s.metadata_bytes() for s in self.stores.values()),
+                "select_calls": self.select_calls, "select_ms_inside": 1e3 * self.select_s}
 
+    @_locked
     def close(self) -> None:
         """Free everything and unlink the pool (idempotent)."""
         for store in self.stores.values():

@@ -102,6 +102,8 @@ class ServiceClient:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"an index service died and did not come back within {self.recover_timeout_s:.0f} s") from exc
                 time.sleep(0.2)
+        if hasattr(self.handle, "reconnect"):
+            self.handle.reconnect()  # e.g. a same-node channel to the new incarnation
         if self.pool is not None:
             self.pool.close()
         self._attach()
@@ -113,6 +115,8 @@ class ServiceClient:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        if hasattr(self.handle, "close"):
+            self.handle.close()
 
 
 class RemoteStores:
@@ -201,12 +205,13 @@ class RemoteStores:
         hs = [h for _ in range(batch) for h in range(heads)]
         self.wait()
         answer = self._call("select", self.layer, seqs, hs, host_q.reshape(batch * heads, *host_q.shape[2:]), k, with_tokens)
+        items = answer.items()
         if self.reload_all:  # pool page ids of the old incarnation mean nothing now
             every = np.arange(self.pool.layout.capacity_pages)
-            answer = [(pp, cnt, every, tok) for pp, cnt, _, tok in answer]
+            items = [(pp, cnt, every) for pp, cnt, _ in items]
             self.reload_all = False
-        picks = [(i // heads, i % heads, pp, cnt, dirty) for i, (pp, cnt, dirty, _) in enumerate(answer)]
-        tokens = [[answer[b * heads + h][3] for h in range(heads)] for b in range(batch)] if with_tokens else None
+        picks = [(i // heads, i % heads, pp, cnt, dirty) for i, (pp, cnt, dirty) in enumerate(items)]
+        tokens = [[answer.tokens[b * heads + h] for h in range(heads)] for b in range(batch)] if with_tokens else None
         return picks, tokens
 
     def select_tokens(self, host_q: np.ndarray, k: int):

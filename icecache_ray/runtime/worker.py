@@ -35,7 +35,8 @@ class StageWorker:
     """Layers ``[start, stop)`` of one replica (see module docstring)."""
 
     def __init__(self, model_path: str | None, config: IceCacheConfig, start: int, stop: int, index_actors: list | None = None,
-                 threads: int = 1, num_gpus: float = 0.0, inbox_name: str | None = None, keep_log: bool = True) -> None:
+                 threads: int = 1, num_gpus: float = 0.0, inbox_name: str | None = None, keep_log: bool = True,
+                 channel: bool = True) -> None:
         from icecache_ray.model import load_model
 
         torch.set_num_threads(threads)
@@ -48,10 +49,12 @@ class StageWorker:
         self.inbox = None
         self.step_ms: list[float] = []
         if index_actors and config.policy == "icecache":
-            self._connect(index_actors, inbox_name, keep_log)
+            self._connect(index_actors, inbox_name, keep_log, channel)
 
-    def _connect(self, index_actors: list, inbox_name: str | None, keep_log: bool) -> None:
+    def _connect(self, index_actors: list, inbox_name: str | None, keep_log: bool, channel: bool) -> None:
         import ray
+
+        from icecache_ray.actors.channel import ChannelHandle
 
         mc = self.stage.model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
@@ -59,7 +62,10 @@ class StageWorker:
             remove_segment(inbox_name)  # left by a previous incarnation of this worker
         layout = PoolLayout(self.config.pool.capacity_pages, self.config.page_size, head_dim, "float32")
         self.inbox = PagePool.create(layout, name=inbox_name)
-        self.clients = [ServiceClient(RayHandle(ray, a), self.inbox, keep_log=keep_log) for a in index_actors]
+        handles = [RayHandle(ray, a) for a in index_actors]
+        if channel:  # same-node FIFOs for the per-layer selection requests (see actors.channel)
+            handles = [ChannelHandle(h, f"{self.inbox.name}_{k}") for k, h in enumerate(handles)]
+        self.clients = [ServiceClient(h, self.inbox, keep_log=keep_log) for h in handles]
 
     def _stores_factory(self, group: str):
         if not self.clients:
