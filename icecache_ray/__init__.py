@@ -5,7 +5,7 @@ Importing the package changes nothing in transformers; heavy modules load on fir
 
 from __future__ import annotations
 
-__all__ = ["generate", "generate_batch", "IceCache", "IceCacheConfig", "IndexConfig"]
+__all__ = ["generate", "generate_batch", "IceCache", "IceCacheConfig", "IndexConfig", "Deployment", "DeploymentConfig", "RequestFailed"]
 
 
 def __getattr__(name: str):
@@ -21,4 +21,12 @@ def __getattr__(name: str):
         from icecache_ray import config
 
         return getattr(config, name)
+    if name in ("Deployment", "RequestFailed"):
+        from icecache_ray.runtime import deployment
+
+        return getattr(deployment, name)
+    if name == "DeploymentConfig":
+        from icecache_ray.runtime.admission import DeploymentConfig
+
+        return DeploymentConfig
     raise AttributeError(f"module 'icecache_ray' has no attribute {name!r}")

@@ -73,3 +73,17 @@ def test_beam_rules():
     assert BeamRule(kind="log", width=2).clusters(1024) == 20
     assert BeamRule(kind="linear", width=1).clusters(10_000) == 100
     assert BeamRule().clusters(0) == 0
+
+
+def test_public_names_resolve_lazily():
+    """Every name in ``icecache_ray.__all__`` resolves; importing the package alone loads none of
+    torch / ray / transformers (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, icecache_ray\n"
+        "assert not {'torch', 'ray', 'transformers'} & set(sys.modules), sorted(sys.modules)\n"
+        "for name in icecache_ray.__all__: getattr(icecache_ray, name)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

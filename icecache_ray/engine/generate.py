@@ -32,6 +32,19 @@ def middle_truncate(ids: list[int], limit: int) -> list[int]:
     return ids[:head] + ids[len(ids) - (limit - head) :]
 
 
+def prepare_prompts(model, prompts, max_new_tokens: int, truncate: bool) -> list[tuple[list[int], bool]]:
+    """Validate a non-empty list of prompts (see :func:`prepare_prompt`); errors name the prompt."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts: expected a non-empty list of token-id lists")
+    prepared = []
+    for i, p in enumerate(prompts):
+        try:
+            prepared.append(prepare_prompt(model, p, max_new_tokens, truncate))
+        except ValueError as exc:
+            raise ValueError(f"prompt {i}: {exc}") from None
+    return prepared
+
+
 def prepare_prompt(model, prompt_ids, max_new_tokens: int, truncate: bool) -> tuple[list[int], bool]:
     """Validate one prompt before any work: non-empty, fits the context (or opt-in truncation)."""
     ids = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
@@ -95,15 +108,8 @@ def generate_batch(
     """Greedy generation for several prompts of any lengths in one batch (left padding; each
     sequence has its own sink, window, stores and slots, so results equal one-by-one runs).
     Every prompt is validated before any work. ``stats`` are the batch's (shared by its results)."""
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts: expected a non-empty list of token-id lists")
+    prepared = prepare_prompts(model, prompts, max_new_tokens, truncate)
     config = config or IceCacheConfig()
-    prepared = []
-    for i, p in enumerate(prompts):
-        try:
-            prepared.append(prepare_prompt(model, p, max_new_tokens, truncate))
-        except ValueError as exc:
-            raise ValueError(f"prompt {i}: {exc}") from None
     eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
     pad = eos if eos is not None else 0
     input_ids, mask = left_padded([ids for ids, _ in prepared], pad)

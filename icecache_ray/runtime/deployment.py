@@ -140,20 +140,12 @@ class Deployment:
     def submit(self, prompts: list, max_new_tokens: int = 64, truncate: bool = False, eos_token_id: int | None = None) -> list[str]:
         """Queue prompts (token-id lists) in groups of at most ``max_batch``; returns group ids.
         Every prompt is validated first (a bad one raises ValueError before anything is queued)."""
-        from icecache_ray.engine.generate import prepare_prompt
+        from icecache_ray.engine.generate import prepare_prompts
         from icecache_ray.runtime.stage import GreedyBatch
 
         if self._closed:
             raise RuntimeError("this deployment was shut down")
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError("prompts: expected a non-empty list of token-id lists")
-        model = SimpleNamespace(config=self.model_config)
-        prepared = []
-        for i, p in enumerate(prompts):
-            try:
-                prepared.append(prepare_prompt(model, p, max_new_tokens, truncate))
-            except ValueError as exc:
-                raise ValueError(f"prompt {i}: {exc}") from None
+        prepared = prepare_prompts(SimpleNamespace(config=self.model_config), prompts, max_new_tokens, truncate)
         eos = eos_token_id if eos_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
         gids = []
         for start in range(0, len(prepared), self.config.max_batch):
