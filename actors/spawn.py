@@ -25,7 +25,7 @@ def spawn_index_actor(ray, pg, dep: DeploymentConfig, ice: IceCacheConfig, head_
     cfg = ice.with_(pool=PoolConfig(dtype=ice.pool.dtype, capacity_pages=dep.pages_per_index_actor))
     actor = ray.remote(IndexActor).options(num_cpus=dep.index_num_cpus, max_restarts=INDEX_MAX_RESTARTS,
                                              max_task_retries=0, scheduling_strategy=_in_bundle(pg))
-    return actor.remote(cfg, head_dim, 1, pool_name)
+    return actor.remote(cfg, head_dim, 1, pool_name, dep.index_select_threads)
 
 
 def spawn_worker(ray, pg, dep: DeploymentConfig, ice: IceCacheConfig, model_path, layers: range, index_actors: list, inbox_name: str):

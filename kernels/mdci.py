@@ -333,7 +333,7 @@ def merge_top_pages(values: np.ndarray, k: int, use_max: bool) -> np.ndarray:
     return np.argsort(combined, kind="mergesort")[: min(k, m)]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # index actors run several selections at once (select_threads)
 def select_pages(
     qs: np.ndarray,
     cluster_keys: np.ndarray,
@@ -363,7 +363,7 @@ def select_pages(
     Returns (chosen index pages [min(k, n)] int64, ok). ``ok`` is False (nothing chosen) in the rare
     case where the beam's clusters hold fewer than k pages: the caller then widens in Python.
     """
-    if k >= n_pages:
+    if k >= n_pages or width >= n_clusters:  # every page is a candidate: no routing needed
         candidates = np.arange(n_pages)
     else:
         nodes, scores = route_clusters(
@@ -418,3 +418,34 @@ def plan_slots(held: np.ndarray, held_count: np.ndarray, pool_pages: np.ndarray,
             slots[m] = s
             m += 1
     return missing, slots
+
+
+@njit(cache=True)
+def plan_slots_batch(
+    held: np.ndarray, held_count: np.ndarray, pages: np.ndarray, page_bounds: np.ndarray, counts: np.ndarray,
+    dirty: np.ndarray, dirty_bounds: np.ndarray,
+) -> tuple:
+    """:func:`plan_slots` for n items at once, after forgetting each item's dirty pages.
+
+    held / held_count: [n, S] int64, in place; item i's selection is pages / counts
+    [page_bounds[i]:page_bounds[i+1]] and its changed pool pages dirty[dirty_bounds[i]:...] (a slot
+    holding one is emptied first, so the page reloads if chosen). Returns (missing pages [m], their
+    slots [m], their item [m]), item by item. Reference: a loop of ``SlotTable.invalidate`` + ``plan``.
+    """
+    n, n_slots = held.shape
+    out_pages = np.empty(pages.shape[0], np.int64)
+    out_slots = np.empty(pages.shape[0], np.int64)
+    out_items = np.empty(pages.shape[0], np.int64)
+    m = 0
+    for i in range(n):
+        for j in range(dirty_bounds[i], dirty_bounds[i + 1]):
+            for s in range(n_slots):
+                if held[i, s] == dirty[j]:
+                    held[i, s] = -1
+                    held_count[i, s] = 0
+        a, b = page_bounds[i], page_bounds[i + 1]
+        missing, slots = plan_slots(held[i], held_count[i], pages[a:b], counts[a:b])
+        for j in range(missing.shape[0]):
+            out_pages[m], out_slots[m], out_items[m] = missing[j], slots[j], i
+            m += 1
+    return out_pages[:m], out_slots[:m], out_items[:m]

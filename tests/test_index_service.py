@@ -41,8 +41,10 @@ def _remote_cache(model, cfg, handle_of_layer, inbox):
     return IceCache(model, cfg, stores_factory=factory), clients
 
 
-def test_remote_stores_decode_exactly_like_local_stores():
-    """Same logits with the stores in a separate service (pages read from its pool in place)."""
+@pytest.mark.parametrize("select_threads", [1, 3])
+def test_remote_stores_decode_exactly_like_local_stores(select_threads):
+    """Same logits with the stores in a separate service (pages read from its pool in place),
+    whether a service runs a request's selections on one thread or spreads them over several."""
     model = _model()
     ids = torch.randint(0, 96, (1, 500), generator=torch.Generator().manual_seed(13))
     cfg = IceCacheConfig(budget=64)
@@ -51,7 +53,7 @@ def test_remote_stores_decode_exactly_like_local_stores():
         want = _decode_logits(model, ids, local, 40)
     finally:
         local.close()
-    services = [IndexService(cfg, 16), IndexService(cfg, 16)]  # layers split over two services
+    services = [IndexService(cfg, 16, select_threads=select_threads) for _ in range(2)]  # layers split over two services
     handles = [InProcessHandle(s) for s in services]
     inbox = PagePool.create(PoolLayout(4096, 16, 16, "float32"))
     cache, clients = _remote_cache(model, cfg, lambda layer: handles[layer % 2], inbox)

@@ -1,10 +1,13 @@
-"""Slot bookkeeping: the numba plan equals its NumPy reference; window ring positions."""
+"""Slot bookkeeping: the numba plans (one item, a whole layer) equal the NumPy reference; window ring positions."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 
 from icecache_ray.engine.slots import SlotTable
 from icecache_ray.engine.window import WindowBook, window_start
+from icecache_ray.ragged import PagePicks
 
 
 def test_plan_kernel_matches_reference_over_random_steps():
@@ -28,6 +31,36 @@ def test_plan_kernel_matches_reference_over_random_steps():
         held = fast.slot_page[b, h]
         assert sorted(held[held >= 0].tolist()) == sorted(pages.tolist())  # exactly the selection
         assert fast.token_valid(b, h).sum() == counts.sum()
+
+
+def test_batched_plan_matches_per_item_reference():
+    """plan_batch (one numba call per layer) = invalidate + plan_ref item by item, over many steps."""
+    rng = np.random.default_rng(1)
+    batch, heads = 3, 2
+    fast, ref = SlotTable(batch, heads, 6, 16), SlotTable(batch, heads, 6, 16)
+    for step in range(100):
+        pages, counts, dirty = [], [], []
+        for _ in range(batch * heads):
+            k = int(rng.integers(0, 7))
+            pages.append(rng.choice(15, size=k, replace=False).astype(np.int64))
+            counts.append(rng.integers(1, 17, size=k))
+            dirty.append(rng.choice(15, size=int(rng.integers(0, 3)), replace=False).astype(np.int64))
+        picks = PagePicks.from_items(pages, counts, dirty)
+        if step == 50:
+            picks = dataclasses.replace(picks, reload_all=True)
+            ref.slot_page[:], ref.slot_count[:] = -1, 0
+        got = fast.plan_batch(picks)
+        want = [[], [], [], []]
+        for i, (p, c, d) in enumerate(zip(pages, counts, dirty)):
+            ref.invalidate(i // heads, i % heads, d)
+            missing, slots = ref.plan_ref(i // heads, i % heads, p, c)
+            for part, values in zip(want, (missing, np.full(len(missing), i // heads), np.full(len(missing), i % heads), slots)):
+                part.extend(values.tolist())
+        for g, w in zip(got, want):
+            assert g.tolist() == w
+        np.testing.assert_array_equal(fast.slot_page, ref.slot_page)
+        np.testing.assert_array_equal(fast.slot_count, ref.slot_count)
+        assert fast.valid_rows().sum() == sum(int(c.sum()) for c in counts)
 
 
 @pytest.mark.parametrize("length", [1, 5, 31, 32, 33, 100])

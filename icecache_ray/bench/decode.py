@@ -22,11 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
 
-import torch
+# While the worker waits for a selection answer, libgomp's idle torch threads spin on the cores
+# the index actor needs (2 cores here); a short spin frees them. Read when torch loads, so it is
+# set before the import (an explicit GOMP_SPINCOUNT wins).
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+import torch  # noqa: E402
 
 from icecache_ray.config import IceCacheConfig
 from icecache_ray.engine.cache import IceCache
@@ -52,6 +58,7 @@ def _parse(argv):
     p.add_argument("--budget", type=int, default=128)
     p.add_argument("--actors", type=int, default=1, help="index actors (layers dealt round-robin)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--select-threads", type=int, default=2, help="threads of each index actor for one select request")
     p.add_argument("--json", default=None)
     p.add_argument("--model", default=None)
     return p.parse_args(argv)
@@ -94,7 +101,7 @@ def _row(mode: str, batch: int, times, cache, warmup: int) -> dict:
 class RayIndex:
     """Index actors on a local Ray and the clients the caches use, per transport."""
 
-    def __init__(self, cfg: IceCacheConfig, head_dim: int, n_actors: int) -> None:
+    def __init__(self, cfg: IceCacheConfig, head_dim: int, n_actors: int, select_threads: int = 1) -> None:
         from icecache_ray import ray_utils
         from icecache_ray.actors.channel import ChannelHandle
         from icecache_ray.actors.index import IndexActor
@@ -103,7 +110,7 @@ class RayIndex:
 
         self.ray = ray_utils.connect(num_cpus=2, object_store_memory=100 * 1024**2)
         actor_cls = self.ray.remote(num_cpus=0)(IndexActor)
-        self.actors = [actor_cls.remote(cfg, head_dim, 1) for _ in range(n_actors)]
+        self.actors = [actor_cls.remote(cfg, head_dim, 1, None, select_threads) for _ in range(n_actors)]
         self.inbox = PagePool.create(PoolLayout(cfg.pool.capacity_pages, cfg.page_size, head_dim, "float32"))
         rays = [RayHandle(self.ray, a) for a in self.actors]
         self.clients = {
@@ -155,7 +162,7 @@ def run(args) -> dict:
     model, tok = load_model(args.model)
     cfg = IceCacheConfig(budget=args.budget)
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    remote = RayIndex(cfg, head_dim, args.actors)
+    remote = RayIndex(cfg, head_dim, args.actors, args.select_threads)
     rows, identical = [], True
     try:
         for batch in [int(b) for b in args.batches.split(",")]:
@@ -175,8 +182,9 @@ def run(args) -> dict:
         summary.update({"ray_select_overhead_frac_b8": by[("channel", 8)]["select_frac"],
                         "step_ms_single_b8": by[("single", 8)]["step_ms"], "step_ms_ray_b8": by[("channel", 8)]["step_ms"],
                         "ray_calls_select_frac_b8": by[("ray", 8)]["select_frac"], "step_ms_ray_calls_b8": by[("ray", 8)]["step_ms"]})
-    return {"config": {"budget": args.budget, "length": args.length, "steps": args.steps, "actors": args.actors,
-                       "torch_threads": torch.get_num_threads()}, "date": time.strftime("%Y-%m-%d"), "rows": rows, "summary": summary}
+    return {"config": {"budget": args.budget, "length": args.length, "steps": args.steps, "actors": args.actors, "select_threads": args.select_threads,
+                       "torch_threads": torch.get_num_threads(),
+                       "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}, "date": time.strftime("%Y-%m-%d"), "rows": rows, "summary": summary}
 
 
 def main(argv=None) -> int:

@@ -54,6 +54,25 @@ class SlotTable:
             count[slot_of[page]] = n
         return pool_pages[missing], free
 
+    def plan_batch(self, picks) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`invalidate` + :meth:`plan` of every (b, h) of a :class:`~icecache_ray.ragged.PagePicks`
+        (item i = (i // H, i % H)) in one numba call. Returns (pages to copy [m], their
+        sequences [m], KV heads [m], slots [m])."""
+        batch, heads, n_slots = self.slot_page.shape
+        if picks.reload_all:
+            self.slot_page[:] = -1
+            self.slot_count[:] = 0
+        missing, slots, items = K.plan_slots_batch(
+            self.slot_page.reshape(-1, n_slots), self.slot_count.reshape(-1, n_slots), picks.pages, picks.page_bounds,
+            picks.counts, picks.dirty, picks.dirty_bounds,
+        )
+        return missing, items // heads, items % heads, slots
+
+    def valid_rows(self) -> np.ndarray:
+        """[B, H, n_slots * page_size] bool: :meth:`token_valid` of every (b, h)."""
+        batch, heads, _ = self.slot_page.shape
+        return (np.arange(self.page_size) < self.slot_count[..., None]).reshape(batch, heads, -1)
+
     def token_valid(self, b: int, h: int) -> np.ndarray:
         """[n_slots * page_size] bool: which rows of the slot region hold valid tokens."""
         offsets = np.arange(self.page_size)

@@ -162,30 +162,23 @@ class SparseLayer(CacheLayerMixin):
         self._offload_leaving_tokens()
         return out
 
-    def _select_pages(self, host_q: np.ndarray, stats: StepStats) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
-        """icecache: choose pages per (sequence, KV head) and plan the slot copies."""
+    def _select_pages(self, host_q: np.ndarray, stats: StepStats) -> tuple[np.ndarray, ...]:
+        """icecache: choose pages per (sequence, KV head) and plan the slot copies.
+        Returns (pool pages to copy [m], their sequences [m], KV heads [m], slots [m])."""
         t0 = time.perf_counter()
         picks, self.selected = self.stores.select_pages(host_q, self.rt.config.retrieved_pages, self.rt.config.layer_reuse > 1)
-        plans = []
-        for b, h, pool_pages, counts, changed in picks:
-            if len(changed):
-                self.slots.invalidate(b, h, changed)
-            missing, slots = self.slots.plan(b, h, pool_pages, counts)
-            self.ret_valid[b, h] = self.slots.token_valid(b, h)
-            plans.append((b, h, missing, slots))
-            stats.pages_selected += len(pool_pages)
-            stats.pages_hit += len(pool_pages) - len(missing)
+        plan = self.slots.plan_batch(picks)
+        self.ret_valid[:] = self.slots.valid_rows()
+        stats.pages_selected += len(picks.pages)
+        stats.pages_hit += len(picks.pages) - len(plan[0])
         stats.select_ms += 1e3 * (time.perf_counter() - t0)
-        return plans
+        return plan
 
-    def _load_pages(self, plans, stats: StepStats) -> None:
+    def _load_pages(self, plan: tuple[np.ndarray, ...], stats: StepStats) -> None:
         """One gather from the host pool, one copy, one scatter per tensor for the whole layer."""
         t0 = time.perf_counter()
-        pages = np.concatenate([p[2] for p in plans]) if plans else np.zeros(0, np.int64)
+        pages, bs, hs, slots = plan
         if len(pages):
-            bs = np.concatenate([np.full(len(p[2]), p[0]) for p in plans])
-            hs = np.concatenate([np.full(len(p[2]), p[1]) for p in plans])
-            slots = np.concatenate([p[3] for p in plans])
             rows = self.kv.page_rows(bs, hs, slots, self.rt.config.page_size)
             stats.bytes_loaded += self.kv.load(self.stores.pool, pages, rows)
             stats.pages_loaded += len(pages)

@@ -14,9 +14,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from icecache_ray.engine.runtime import SparseRuntime
-
-
-_NONE = np.zeros(0, np.int64)
+from icecache_ray.ragged import PagePicks
 
 
 class LocalStores:
@@ -63,22 +61,23 @@ class LocalStores:
             self.pending = None
 
     # ------------------------------------------------------------------ queries
-    def select_pages(self, host_q: np.ndarray, k: int, with_tokens: bool):
+    def select_pages(self, host_q: np.ndarray, k: int, with_tokens: bool) -> tuple[PagePicks, list | None]:
         """icecache: top-k pages of every (b, h) for queries [B, H, g * n, d].
 
-        Returns ([(b, h, pool pages, valid rows, changed pool pages)], tokens [B][H] or None);
-        here changed pages come from :meth:`wait` instead, so the last field is empty."""
-        picks, tokens = [], [] if with_tokens else None
+        Returns (the picks of the B * H items, tokens [B][H] or None); here changed pages come
+        from :meth:`wait` instead, so the picks carry none."""
+        pages, counts, tokens = [], [], [] if with_tokens else None
         for b, row in enumerate(self.stores):
             chosen = []
             for h, store in enumerate(row):
-                pages, pool_pages, counts = store.select_pages(host_q[b, h], k)
-                picks.append((b, h, pool_pages, counts, _NONE))
+                index_pages, pool_pages, valid = store.select_pages(host_q[b, h], k)
+                pages.append(pool_pages)
+                counts.append(valid)
                 if with_tokens:
-                    chosen.append(store.tokens_of(pages))
+                    chosen.append(store.tokens_of(index_pages))
             if with_tokens:
                 tokens.append(chosen)
-        return picks, tokens
+        return PagePicks.from_items(pages, counts), tokens
 
     def select_tokens(self, host_q: np.ndarray, k: int) -> list[list[np.ndarray]]:
         """Policies without an index: middle-token ids [B][H] of the chosen pages."""

@@ -26,6 +26,7 @@ from icecache_ray.index.routing import Routing
 from icecache_ray.index.select import merge_group
 from icecache_ray.index.storage import PageTable, check_keys, check_queries
 from icecache_ray.kernels import mdci as K
+from icecache_ray.kernels.insert import insert_run
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class InsertResult:
 class MDCIIndex:
     """Index over the keys of one (sequence, layer, KV head); pages live in ``pool``."""
 
+    fast_insert = True  # False: every inserted token takes the Python path (the kernel's reference)
+
     def __init__(self, pool, config: IndexConfig, head_dim: int, scale: float | None = None) -> None:
         if pool.layout.dtype != "float32":
             raise ValueError(f"pool dtype={pool.layout.dtype!r}: the CPU index kernels need a float32 pool")
@@ -73,7 +76,7 @@ class MDCIIndex:
         self.max_sq_norm = 0.0
         self._radius_cache: tuple | None = None
         self._token_loc: tuple | None = None  # (n_tokens, token -> flat page row), see token_locations
-        self._insert_centres: tuple | None = None
+        self._insert_centres: tuple | None = None  # (n_clusters, M, augmented cluster keys) of an insert batch
         rng = np.random.default_rng(config.seed)
         direction = rng.standard_normal(head_dim + 1).astype(np.float32)
         self._direction = direction / np.linalg.norm(direction)
@@ -238,11 +241,34 @@ class MDCIIndex:
         first_new = self.n_pages
         self._radius_cache = None
         self._insert_centres = None  # augmented cluster keys, shared by the rows of this batch
-        for row in range(keys.shape[0]):
-            dirty.update(self._insert_one(keys[row], values[row]))
+        row = 0
+        while row < keys.shape[0]:
+            row += self._insert_plain_run(keys, values, row, dirty) if self.fast_insert else 0
+            if row < keys.shape[0]:  # a cluster centre or a split: the Python path
+                dirty.update(self._insert_one(keys[row], values[row]))
+                row += 1
         self._insert_centres = None
         new = np.arange(first_new, self.n_pages, dtype=np.int32)
         return InsertResult(dirty_pages=np.asarray(sorted(dirty), np.int32), new_pages=new)
+
+    def _insert_plain_run(self, keys: np.ndarray, values: np.ndarray, start: int, dirty: set[int]) -> int:
+        """Rows ``start..`` that :meth:`_insert_one` would append to a page with room, in one numba
+        call (``kernels.insert.insert_run``); stops before the first that needs the Python path.
+        Returns how many rows it inserted."""
+        t = self.table
+        cached = self._insert_centres
+        if cached is None or cached[0] != self.n_clusters:
+            cached = (self.n_clusters, -1.0, np.empty((self.n_clusters, self.head_dim + 1), np.float32))
+        pages = np.empty(keys.shape[0] - start, np.int64)
+        done, self.max_sq_norm, centres_norm = insert_run(
+            keys, values, start, self.n_tokens, self.config.promote_every, self.max_sq_norm, cached[2], cached[1],
+            t.cluster_keys, t.cluster_size, t.cluster_radius, self.n_clusters, t.cluster_first_page, t.page_next,
+            t.page_count, t.page_tokens, t.page_pool, t.pool.pages, pages,
+        )
+        self._insert_centres = (self.n_clusters, centres_norm, cached[2])
+        self.n_tokens += done
+        dirty.update(pages[:done].tolist())
+        return done
 
     def _nearest_cluster_for_insert(self, key: np.ndarray) -> int:
         """Nearest cluster of one new key; the augmented centres are computed once per batch (and
@@ -357,10 +383,10 @@ class MDCIIndex:
 
     def _candidate_pages(self, qs: np.ndarray, k: int) -> np.ndarray:
         """Pages of the clusters chosen by the beam (widened until they hold >= k pages)."""
-        if k >= self.n_pages:
+        width = self.config.beam.clusters(self.n_clusters)
+        if k >= self.n_pages or width >= self.n_clusters:  # the beam would take every cluster
             return np.arange(self.n_pages, dtype=np.int64)
         snap = self.routing.snapshot()
-        width = self.config.beam.clusters(self.n_clusters)
         upper = int(math.ceil(width * self.config.beam.upper_factor))
         nodes, scores = K.route_clusters(
             qs,

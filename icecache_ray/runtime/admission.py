@@ -31,6 +31,9 @@ class DeploymentConfig:
     worker_num_cpus / worker_num_gpus / worker_resources: what each worker actor requests
         (``num_gpus`` on GPU clusters; 0 or a custom resource on CPU).
     index_num_cpus: what each index actor requests.
+    index_select_threads: threads each index actor spreads one selection request over (the
+        requests of a layer's sequences and heads are independent; 2 suits a node with a spare core
+        per index actor while its worker waits for the answer).
     threads: torch / numba threads inside each worker.
     max_batch: most prompts in one request group.
     keep_replay_log: keep offloaded K/V in the worker's inbox so a restarted index actor can be
@@ -49,6 +52,7 @@ class DeploymentConfig:
     worker_num_gpus: float = 0.0
     worker_resources: dict[str, float] = field(default_factory=dict)
     index_num_cpus: float = 0.0
+    index_select_threads: int = 2
     threads: int = 1
     max_batch: int = 8
     keep_replay_log: bool = True
@@ -56,7 +60,7 @@ class DeploymentConfig:
     same_node_channel: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("replicas", "stages", "pool_pages_per_node", "threads", "max_batch"):
+        for name in ("replicas", "stages", "pool_pages_per_node", "threads", "max_batch", "index_select_threads"):
             _positive_int("DeploymentConfig", name, getattr(self, name))
         _non_negative_int("DeploymentConfig", "index_actors_per_stage", self.index_actors_per_stage)
         for name in ("worker_num_cpus", "worker_num_gpus", "index_num_cpus"):

@@ -15,6 +15,7 @@ import functools
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from icecache_ray.config import IceCacheConfig
 from icecache_ray.policies import make_policy
 from icecache_ray.pool import PagePool, PoolLayout, remove_segment
+from icecache_ray.ragged import PagePicks
 
 log = logging.getLogger(__name__)
 
@@ -41,35 +43,12 @@ def _locked(method):
 _EMPTY = np.zeros(0, np.int64)
 
 
-def pack_ragged(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(concatenation, bounds [n + 1]) of n 1-D int arrays; :func:`unpack_ragged` inverts it."""
-    bounds = np.zeros(len(arrays) + 1, np.int64)
-    np.cumsum([len(a) for a in arrays], out=bounds[1:])
-    return (np.concatenate(arrays).astype(np.int64) if arrays else _EMPTY), bounds
-
-
-def unpack_ragged(flat: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
-    """The arrays packed by :func:`pack_ragged` (views of ``flat``)."""
-    return [flat[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
-
-
 @dataclass(frozen=True)
-class Selection:
-    """A select answer for n items: pages[page_bounds[i]:page_bounds[i+1]] are item i's pool pages
-    and counts[...] (same bounds) their valid rows; dirty/dirty_bounds its changed pool pages;
-    tokens: per-item middle-token ids, or None."""
+class Selection(PagePicks):
+    """A select answer: :class:`~icecache_ray.ragged.PagePicks` plus ``tokens``, per-item
+    middle-token ids (or None); flat arrays, so an answer pickles as a handful of buffers."""
 
-    pages: np.ndarray
-    page_bounds: np.ndarray
-    counts: np.ndarray
-    dirty: np.ndarray
-    dirty_bounds: np.ndarray
-    tokens: list | None
-
-    def items(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per item: (pool pages, valid rows, changed pool pages)."""
-        return list(zip(unpack_ragged(self.pages, self.page_bounds), unpack_ragged(self.counts, self.page_bounds),
-                        unpack_ragged(self.dirty, self.dirty_bounds)))
+    tokens: list | None = None
 
 
 class LostStores(KeyError):
@@ -107,9 +86,12 @@ def read_inbox(inbox: PagePool, item: InboxItem) -> tuple[np.ndarray, np.ndarray
 class IndexService:
     """Stores of the (sequence, layer, KV head) partitions given to it (see module docstring)."""
 
-    def __init__(self, config: IceCacheConfig, head_dim: int, numba_threads: int | None = None, pool_name: str | None = None) -> None:
+    def __init__(self, config: IceCacheConfig, head_dim: int, numba_threads: int | None = None, pool_name: str | None = None,
+                 select_threads: int = 1) -> None:
         """``pool_name``: a fixed name for the pool, so a restarted actor (same arguments) replaces
-        the segment its dead predecessor left behind instead of leaking it."""
+        the segment its dead predecessor left behind instead of leaking it. ``select_threads``:
+        threads one ``select`` spreads its items over (the index kernel releases the GIL; the
+        answer does not depend on it)."""
         if numba_threads:
             os.environ["NUMBA_NUM_THREADS"] = str(numba_threads)
         self.config = config
@@ -124,6 +106,8 @@ class IndexService:
         self.dirty: dict[tuple[str, int, int], list[np.ndarray]] = {}
         self._inboxes: dict[str, PagePool] = {}
         self._lock = threading.RLock()
+        self._select_pool = ThreadPoolExecutor(select_threads - 1, thread_name_prefix="select") if select_threads > 1 else None
+        self.select_threads = select_threads
         self.select_calls, self.select_s = 0, 0.0  # time spent inside select (not transport)
 
     # ------------------------------------------------------------------ transport helpers
@@ -178,12 +162,32 @@ class IndexService:
         per item its pool pages, their valid rows, the pool pages changed since its last select,
         and (``with_tokens``, or a policy without pages) its middle-token ids."""
         t0 = time.perf_counter()
-        pages_out, counts_out, dirty_out, tokens_out = [], [], [], []
-        for seq, head, q in zip(seqs, heads, queries):
-            key = (seq, layer, head)
-            store = self._store(key)
-            dirty = self.dirty.pop(key, [])
-            dirty_out.append(np.concatenate(dirty) if dirty else _EMPTY)
+        keys = [(seq, layer, head) for seq, head in zip(seqs, heads)]
+        stores = [self._store(key) for key in keys]  # LostStores before any state changes
+        dirty_out = [self._pop_dirty(key) for key in keys]
+        work = list(zip(stores, queries))
+        if self._select_pool is not None and len(work) > 1:
+            # the calling thread takes the first share, the pool the others
+            cut = [len(work) * i // self.select_threads for i in range(self.select_threads + 1)]
+            futures = [self._select_pool.submit(self._select_items, work[a:b], k, with_tokens) for a, b in zip(cut[1:-1], cut[2:])]
+            answers = [self._select_items(work[: cut[1]], k, with_tokens)] + [f.result() for f in futures]
+        else:
+            answers = [self._select_items(work, k, with_tokens)]
+        pages_out, counts_out, tokens_out = ([x for part in answers for x in part[i]] for i in range(3))
+        picks = PagePicks.from_items(pages_out, counts_out, dirty_out)
+        out = Selection(picks.pages, picks.page_bounds, picks.counts, picks.dirty, picks.dirty_bounds, tokens=tokens_out or None)
+        self.select_calls += 1
+        self.select_s += time.perf_counter() - t0
+        return out
+
+    def _pop_dirty(self, key: tuple[str, int, int]) -> np.ndarray:
+        dirty = self.dirty.pop(key, [])
+        return np.concatenate(dirty) if dirty else _EMPTY
+
+    def _select_items(self, work: list, k: int, with_tokens: bool) -> tuple[list, list, list]:
+        """(pool pages, valid rows, middle tokens or nothing) of each (store, queries) in ``work``."""
+        pages_out, counts_out, tokens_out = [], [], []
+        for store, q in work:
             if self.pool is None:
                 pages_out.append(_EMPTY)
                 counts_out.append(_EMPTY)
@@ -194,11 +198,7 @@ class IndexService:
             counts_out.append(counts)
             if with_tokens:
                 tokens_out.append(store.tokens_of(pages))
-        out = Selection(*pack_ragged(pages_out), np.concatenate(counts_out).astype(np.int64), *pack_ragged(dirty_out),
-                        tokens_out if tokens_out else None)
-        self.select_calls += 1
-        self.select_s += time.perf_counter() - t0
-        return out
+        return pages_out, counts_out, tokens_out
 
     @_locked
     def token_rows(self, layer: int, seq: str, head: int, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -239,3 +239,6 @@ class IndexService:
             self.pool.close()
             self.pool.unlink()
             self.pool = None
+        if self._select_pool is not None:
+            self._select_pool.shutdown(wait=False)
+            self._select_pool = None

@@ -16,6 +16,7 @@ equal the lost ones) and retries; the layers then reload all their slots once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -198,19 +199,17 @@ class RemoteStores:
 
     # ------------------------------------------------------------------ queries
     def select_pages(self, host_q: np.ndarray, k: int, with_tokens: bool):
-        """One request for every (b, h): see ``LocalStores.select_pages``; picks also carry the
-        pool pages changed since the last selection."""
+        """One request for every (b, h): see ``LocalStores.select_pages``; the picks (the answer
+        itself) also carry the pool pages changed since the last selection."""
         batch, heads = host_q.shape[:2]
         seqs = [s for s in self.seqs for _ in range(heads)]
         hs = [h for _ in range(batch) for h in range(heads)]
         self.wait()
         answer = self._call("select", self.layer, seqs, hs, host_q.reshape(batch * heads, *host_q.shape[2:]), k, with_tokens)
-        items = answer.items()
+        picks = answer
         if self.reload_all:  # pool page ids of the old incarnation mean nothing now
-            every = np.arange(self.pool.layout.capacity_pages)
-            items = [(pp, cnt, every) for pp, cnt, _ in items]
+            picks = dataclasses.replace(answer, reload_all=True)
             self.reload_all = False
-        picks = [(i // heads, i % heads, pp, cnt, dirty) for i, (pp, cnt, dirty) in enumerate(items)]
         tokens = [[answer.tokens[b * heads + h] for h in range(heads)] for b in range(batch)] if with_tokens else None
         return picks, tokens
 
