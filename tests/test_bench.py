@@ -36,3 +36,17 @@ def test_synthetic_run_writes_the_contract(tmp_path):
 def test_bad_arguments_are_clear(tmp_path, argv, match):
     with pytest.raises(SystemExit, match=match):
         main(["--json", str(tmp_path / "x.json"), "--skip-real"] + argv)
+
+
+def test_insert_bench_compares_both_paths_on_the_same_inputs(tmp_path, capsys):
+    from icecache_ray.bench import insert
+
+    out = tmp_path / "insert.json"
+    assert insert.main(["--stores", "3", "--tokens", "200", "--batches", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["identical_page_tables"] is True
+    assert set(result["ms_per_16_token_insert"]) == {"numba", "python"}
+    assert all(ms > 0 for ms in result["ms_per_16_token_insert"].values())
+    with pytest.raises(SystemExit):
+        insert.main(["--stores", "1"])
+    assert "--stores must be at least 2" in capsys.readouterr().err
