@@ -159,8 +159,9 @@ class IceCacheConfig:
     layer_reuse: the paper's IceCache(r): sparse layers are grouped in runs of ``layer_reuse``;
         the first (anchor) layer of a run selects pages, the next ``layer_reuse - 1`` layers attend
         over the anchor's pages (their own K/V of those pages). 1 = every layer selects.
-    prefill_chunk: query rows per attention call during prefill (bounds the score workspace to
-        ``prefill_chunk x prompt`` per head); the K/V of a layer is still computed in one pass.
+    prefill_chunk: query rows per attention call during a masked (padded) prefill (bounds the
+        score workspace to ``prefill_chunk x prompt`` per head where a kernel materialises scores);
+        unmasked prompts use one fused causal call. The K/V of a layer is computed in one pass.
     """
 
     page_size: int = 16

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -228,10 +229,31 @@ def test_layer_reuse_with_full_budget_equals_dense(reuse):
     _assert_matches_dense(model, ids, IceCacheConfig(budget=1024, layer_reuse=reuse), 30)
 
 
-def test_chunked_prefill_equals_one_call():
+@pytest.mark.parametrize("padded", [False, True])
+def test_chunked_causal_attention_equals_one_masked_call(padded):
+    """Query chunks (with earlier keys cached, with or without a padding mask) = one SDPA call."""
+    from icecache_ray.engine.cache import chunked_causal_attention
+
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(2, h, n, 16, generator=gen) for h, n in ((6, 300), (2, 340), (2, 340)))
+    causal = torch.arange(340)[None, :] <= torch.arange(40, 340)[:, None]  # queries are the last 300 keys
+    mask = causal[None, None].repeat(2, 1, 1, 1)
+    if padded:
+        mask[1, :, :, :25] = False  # the second sequence is left-padded
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True).transpose(1, 2)
+    got = chunked_causal_attention(q, k, v, mask if padded else None, 0.25, 64)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_prefill_of_a_padded_batch_gives_the_same_tokens():
+    from icecache_ray import generate_batch
+
     model = _model()
-    ids = torch.randint(0, 96, (1, 300), generator=torch.Generator().manual_seed(10))
-    _assert_matches_dense(model, ids, IceCacheConfig(budget=1024, prefill_chunk=64), 10)
+    gen = torch.Generator().manual_seed(10)
+    prompts = [torch.randint(1, 96, (n,), generator=gen).tolist() for n in (300, 170)]
+    chunked = generate_batch(model, prompts, IceCacheConfig(budget=1024, prefill_chunk=64), max_new_tokens=8)
+    whole = generate_batch(model, prompts, IceCacheConfig(budget=1024, prefill_chunk=4096), max_new_tokens=8)
+    assert [r.token_ids for r in chunked] == [r.token_ids for r in whole]
 
 
 def test_generate_batch_matches_single_prompts_and_validates_each_prompt():

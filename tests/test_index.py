@@ -216,3 +216,25 @@ def test_fused_select_equals_step_by_step_query(pool, gqa, page_score, k):
             np.testing.assert_array_equal(pool_pages, reference.pool_pages)
             np.testing.assert_array_equal(counts, reference.counts)
         index.insert(keys[2000 + 500 * step : 2500 + 500 * step], values[2000 + 500 * step : 2500 + 500 * step])
+
+
+def test_bulk_cluster_stats_equal_the_scatter_definition(pool):
+    """set_members' segment sums give bit-identical means and radii to np.add.at / np.maximum.at."""
+    from icecache_ray.index.storage import PageTable
+
+    rng = np.random.default_rng(3)
+    keys = rng.standard_normal((997, D)).astype(np.float32) * 4
+    table = PageTable(pool, D)
+    for _ in range(23):
+        table.add_cluster(np.zeros(D, np.float32))
+    assign = rng.integers(0, 23, len(keys))
+    assign[:23] = np.arange(23)  # every cluster has a member, as in a build
+    table.set_members(assign, keys)
+    sums = np.zeros((23, D), np.float64)
+    np.add.at(sums, assign, keys)
+    means = (sums / np.bincount(assign)[:, None]).astype(np.float32)
+    radius = np.zeros(23, np.float32)
+    np.maximum.at(radius, assign, np.linalg.norm(keys - means[assign], axis=1).astype(np.float32))
+    np.testing.assert_array_equal(table.cluster_keys[:23], means)
+    np.testing.assert_array_equal(table.cluster_radius[:23], radius)
+    np.testing.assert_array_equal(table.cluster_size[:23], np.bincount(assign))

@@ -95,13 +95,16 @@ class PageTable:
     def set_members(self, assign: np.ndarray, keys: np.ndarray) -> None:
         """Bulk: mean key and radius of every cluster from its members. assign: [n] cluster ids."""
         counts = np.bincount(assign, minlength=self.n_clusters)
-        sums = np.zeros((self.n_clusters, self.head_dim), np.float64)
-        np.add.at(sums, assign, keys)
         filled = counts > 0
-        self.cluster_keys[: self.n_clusters][filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
-        dist = np.linalg.norm(keys - self.cluster_keys[assign], axis=1)
+        # segment sums over members sorted by cluster (stable: the same row-by-row float64 sums as
+        # np.add.at, which took half of a build's time)
+        order = np.argsort(assign, kind="stable")
+        starts = (np.cumsum(counts) - counts)[filled]
+        sums = np.add.reduceat(keys[order].astype(np.float64), starts, axis=0)
+        self.cluster_keys[: self.n_clusters][filled] = (sums / counts[filled, None]).astype(np.float32)
+        dist = np.linalg.norm(keys - self.cluster_keys[assign], axis=1).astype(np.float32)
         radius = np.zeros(self.n_clusters, np.float32)
-        np.maximum.at(radius, assign, dist.astype(np.float32))
+        radius[filled] = np.maximum.reduceat(dist[order], starts)
         self.cluster_size[: self.n_clusters] = counts
         self.cluster_radius[: self.n_clusters] = radius
 
