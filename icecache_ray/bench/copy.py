@@ -12,7 +12,6 @@ Needs a CUDA device; prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 
 from icecache_ray.kernels.bulk_copy import CupyPageCopier
 from icecache_ray.pool import PagePool, PoolLayout
+from icecache_ray.report import emit_json
 
 
 def _time(fn, repeats: int) -> float:
@@ -82,11 +82,7 @@ def main(argv=None) -> int:
         pool.close()
         pool.unlink()
     result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    text = json.dumps(result, indent=2)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
-    sys.stdout.write(text + "\n")
+    emit_json(result, args.json)
     return 0
 
 

@@ -20,7 +20,6 @@ the channel), ``tokens_identical`` (every actor mode vs single, every batch),
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -39,6 +38,7 @@ from icecache_ray.engine.cache import IceCache
 from icecache_ray.engine.generate import left_padded
 from icecache_ray.haystack import essay_prompt_ids
 from icecache_ray.model import load_model
+from icecache_ray.report import emit_json
 
 log = logging.getLogger("icecache_ray.bench.decode")
 
@@ -191,11 +191,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = _parse(argv)
     result = run(args)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
-    sys.stdout.write(text + "\n")
+    emit_json(result, args.json)
     return 0
 
 

@@ -11,7 +11,6 @@ reports milliseconds per 16-token insert and whether both built identical page t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -20,6 +19,7 @@ import numpy as np
 from icecache_ray.config import IndexConfig
 from icecache_ray.index.mdci import MDCIIndex
 from icecache_ray.pool import PagePool, PoolLayout
+from icecache_ray.report import emit_json
 
 HEAD_DIM, PAGE = 64, 16
 
@@ -83,11 +83,7 @@ def main(argv=None) -> int:
     for name in ("stores", "tokens", "batches"):
         if getattr(args, name) < (2 if name == "stores" else 1):
             p.error(f"--{name} must be at least {2 if name == 'stores' else 1}, got {getattr(args, name)}")
-    text = json.dumps(run(args), indent=2)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
-    sys.stdout.write(text + "\n")
+    emit_json(run(args), args.json)
     return 0
 
 

@@ -10,12 +10,12 @@ document and generated tokens of each run. Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
 
 from icecache_ray.jobs.outputs import OutputDir
+from icecache_ray.report import emit_json
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -76,11 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     result = compare(args.reference, args.candidate)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
-    sys.stdout.write(text + "\n")
+    emit_json(result, args.json)
     return 0
 
 
