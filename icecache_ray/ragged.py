@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_EMPTY = np.zeros(0, np.int64)
+EMPTY = np.zeros(0, np.int64)
 
 
 def pack_ragged(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(concatenation, bounds [n + 1]) of n 1-D int arrays; :func:`unpack_ragged` inverts it."""
     bounds = np.zeros(len(arrays) + 1, np.int64)
     np.cumsum([len(a) for a in arrays], out=bounds[1:])
-    return (np.concatenate(arrays).astype(np.int64) if arrays else _EMPTY), bounds
+    return (np.concatenate(arrays).astype(np.int64) if arrays else EMPTY), bounds
 
 
 def unpack_ragged(flat: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
@@ -37,11 +37,11 @@ class PagePicks:
     reload_all: bool = False
 
     @classmethod
-    def from_items(cls, pages: list[np.ndarray], counts: list[np.ndarray], dirty: list[np.ndarray] | None = None) -> "PagePicks":
-        """Pack per-item arrays (no dirty pages when ``dirty`` is None)."""
+    def from_items(cls, pages: list[np.ndarray], counts: list[np.ndarray], dirty: list[np.ndarray] | None = None, **extra):
+        """Pack per-item arrays (no dirty pages when ``dirty`` is None); ``extra``: a subclass's fields."""
         flat, bounds = pack_ragged(pages)
-        dirty_flat, dirty_bounds = pack_ragged(dirty) if dirty is not None else (_EMPTY, np.zeros(len(pages) + 1, np.int64))
-        return cls(flat, bounds, np.concatenate(counts).astype(np.int64) if counts else _EMPTY, dirty_flat, dirty_bounds)
+        dirty_flat, dirty_bounds = pack_ragged(dirty) if dirty is not None else (EMPTY, np.zeros(len(pages) + 1, np.int64))
+        return cls(flat, bounds, np.concatenate(counts).astype(np.int64) if counts else EMPTY, dirty_flat, dirty_bounds, **extra)
 
     def items(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per item: (pool pages, valid rows, changed pool pages)."""

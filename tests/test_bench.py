@@ -50,3 +50,13 @@ def test_insert_bench_compares_both_paths_on_the_same_inputs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         insert.main(["--stores", "1"])
     assert "--stores must be at least 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,match", [(["--batches", "1,x"], "comma-separated"), (["--batches", "0"], "at least 1"),
+                                        (["--select-threads", "0"], "--select-threads must be at least 1")])
+def test_decode_bench_rejects_bad_arguments_before_any_work(argv, match, capsys):
+    from icecache_ray.bench import decode
+
+    with pytest.raises(SystemExit):
+        decode.main(argv)
+    assert match in capsys.readouterr().err

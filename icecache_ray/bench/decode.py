@@ -61,7 +61,17 @@ def _parse(argv):
     p.add_argument("--select-threads", type=int, default=2, help="threads of each index actor for one select request")
     p.add_argument("--json", default=None)
     p.add_argument("--model", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.batch_sizes = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        p.error(f"--batches: expected comma-separated integers like 1,4,8, got {args.batches!r}")
+    if min(args.batch_sizes) < 1:
+        p.error(f"--batches: every batch size must be at least 1, got {args.batches!r}")
+    for name in ("steps", "length", "budget", "actors", "select_threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
 
 
 def _prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
@@ -165,7 +175,7 @@ def run(args) -> dict:
     remote = RayIndex(cfg, head_dim, args.actors, args.select_threads)
     rows, identical = [], True
     try:
-        for batch in [int(b) for b in args.batches.split(",")]:
+        for batch in args.batch_sizes:
             prompts = _prompts(tok, batch, args.length)
             out = {}
             for mode in ("single", "channel", "ray"):

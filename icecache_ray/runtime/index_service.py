@@ -23,7 +23,7 @@ import numpy as np
 from icecache_ray.config import IceCacheConfig
 from icecache_ray.policies import make_policy
 from icecache_ray.pool import PagePool, PoolLayout, remove_segment
-from icecache_ray.ragged import PagePicks
+from icecache_ray.ragged import EMPTY, PagePicks
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,6 @@ def _locked(method):
             return method(self, *args, **kwargs)
 
     return wrapper
-
-
-_EMPTY = np.zeros(0, np.int64)
 
 
 @dataclass(frozen=True)
@@ -174,23 +171,22 @@ class IndexService:
         else:
             answers = [self._select_items(work, k, with_tokens)]
         pages_out, counts_out, tokens_out = ([x for part in answers for x in part[i]] for i in range(3))
-        picks = PagePicks.from_items(pages_out, counts_out, dirty_out)
-        out = Selection(picks.pages, picks.page_bounds, picks.counts, picks.dirty, picks.dirty_bounds, tokens=tokens_out or None)
+        out = Selection.from_items(pages_out, counts_out, dirty_out, tokens=tokens_out or None)
         self.select_calls += 1
         self.select_s += time.perf_counter() - t0
         return out
 
     def _pop_dirty(self, key: tuple[str, int, int]) -> np.ndarray:
         dirty = self.dirty.pop(key, [])
-        return np.concatenate(dirty) if dirty else _EMPTY
+        return np.concatenate(dirty) if dirty else EMPTY
 
     def _select_items(self, work: list, k: int, with_tokens: bool) -> tuple[list, list, list]:
         """(pool pages, valid rows, middle tokens or nothing) of each (store, queries) in ``work``."""
         pages_out, counts_out, tokens_out = [], [], []
         for store, q in work:
             if self.pool is None:
-                pages_out.append(_EMPTY)
-                counts_out.append(_EMPTY)
+                pages_out.append(EMPTY)
+                counts_out.append(EMPTY)
                 tokens_out.append(self.policy.select(store, q, k).tokens)
                 continue
             pages, pool_pages, counts = store.select_pages(np.ascontiguousarray(q), k)
