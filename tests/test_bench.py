@@ -60,3 +60,33 @@ def test_decode_bench_rejects_bad_arguments_before_any_work(argv, match, capsys)
     with pytest.raises(SystemExit):
         decode.main(argv)
     assert match in capsys.readouterr().err
+
+
+def test_speed_bench_interleaved_run_reports_every_configuration(tmp_path):
+    from icecache_ray.bench import speed
+
+    out = tmp_path / "s.json"
+    assert speed.main(["--random-weights", "--length", "600", "--steps", "3", "--warmup", "1", "--short", "16",
+                       "--budgets", "128", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["schedule"] == "interleaved"
+    rows = {r["config"]: r for r in data["rows"]}
+    assert set(rows) == {"full", "icecache@128", "full@16"}
+    assert all(r["steps"] == 3 and len(r["tokens"]) == 5 for r in rows.values())  # prefill token + warmup + steps
+    ice = rows["icecache@128"]
+    assert ice["pages_loaded_per_step"] >= 0 and ice["host_pool_bytes"] > 0 and ice["select_ms"] > 0
+    assert ice["device_kv_bytes_decode_sparse_layers"] > 0
+    assert data["summary"]["full"]["ratio_to_full"] == 1.0
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--budgets", "250"], "budget"),
+    (["--layer-reuse", "x"], "--layer-reuse must be positive integers"),
+])
+def test_speed_bench_rejects_bad_arguments(argv, match, capsys):
+    from icecache_ray.bench import speed
+
+    with pytest.raises(SystemExit):
+        speed.main(["--random-weights"] + argv)
+    assert match in capsys.readouterr().err

@@ -3,7 +3,10 @@
 ``python -m icecache_ray.bench.speed --length 8192 --steps 32 --json OUT``
 
 For each configuration (the full cache and icecache at each ``--budget``) the same essay prompt is
-prefilled, then ``--steps`` greedy tokens are decoded one model call at a time. Reported per
+prefilled, then ``--steps`` greedy tokens are decoded one model call at a time. By default the
+configurations are interleaved (one step of each in turn, after every prefill) so that a shared
+machine's slow phases hit all of them alike and the ratios compare like with like; an IceCache's
+background index work is drained inside its own timed step. Reported per
 configuration: median / mean time per decoded token (the first ``--warmup`` steps excluded), the
 breakdown select / load / attend / rest from :class:`StepStats`, pages and bytes moved, hit rate,
 the peak device-resident KV bytes during prefill and during decode (see
@@ -17,11 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
 
-import torch
+# Idle torch threads spin in libgomp after every op by default, on the cores the index thread
+# needs between ops; a short spin (as in bench.decode, and as the README advises for
+# deployments) frees them. Read when torch loads, hence before the import; an explicit value wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+import torch  # noqa: E402
 from transformers import DynamicCache
 
 from icecache_ray.config import IceCacheConfig
@@ -49,7 +58,21 @@ def _parse(argv):
                         "without the bundled model; timings are valid, tokens are not)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    return p.parse_args(argv)
+    p.add_argument("--schedule", default="interleaved", choices=["interleaved", "sequential"],
+                   help="interleaved (default): prefill every configuration, then decode one token of each in turn")
+    args = p.parse_args(argv)
+    for name, least in (("length", 1), ("steps", 1), ("warmup", 0), ("short", 0), ("threads", 0)):
+        if getattr(args, name) < least:
+            p.error(f"--{name} must be >= {least}, got {getattr(args, name)}")
+    for name in ("budgets", "layer_reuse"):
+        text = getattr(args, name)
+        if not all(part.strip().isdigit() and int(part) > 0 for part in text.split(",")):
+            p.error(f"--{name.replace('_', '-')} must be positive integers separated by commas, got {text!r}")
+    try:
+        _configs(args)  # every configuration is validated before the model loads
+    except ValueError as err:
+        p.error(str(err))
+    return args
 
 
 # SmolLM2-135M-Instruct's shape (its config.json), for --random-weights.
@@ -75,77 +98,126 @@ def _model_and_prompt(args):
     return model, essay_prompt_ids(tok, args.length, seed=0).to(args.device)
 
 
-def _decode(model, ids: torch.Tensor, cache, steps: int) -> tuple[list[float], list[int], int]:
-    """Prefill ``ids`` [1, T], then greedy-decode ``steps`` tokens one call at a time.
+class _Run:
+    """One configuration's cache on one prompt, decoded one greedy token per :meth:`step`."""
 
-    Returns (per-step seconds, generated ids, peak device KV bytes during prefill)."""
-    meter = KVMeter(cache)
-    with torch.inference_mode():
-        with meter.tracking():
-            logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
-        prefill_peak = meter.peak
-        token = logits.argmax(-1, keepdim=True)
-        times, out = [], [int(token)]
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
-            token = logits.argmax(-1, keepdim=True)
-            out.append(int(token))  # .item() synchronises the device: the step is really done
-            times.append(time.perf_counter() - t0)
-    return times, out, prefill_peak
+    def __init__(self, model, ids: torch.Tensor, name: str, cache) -> None:
+        self.model, self.ids, self.name, self.cache = model, ids, name, cache
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self.prefill_peak = 0
+        self._token: torch.Tensor | None = None
+
+    def prefill(self) -> None:
+        """Prefill ``ids`` [1, T], tracking the peak device KV bytes."""
+        meter = KVMeter(self.cache)
+        with torch.inference_mode(), meter.tracking():
+            logits = self.model(self.ids, past_key_values=self.cache, use_cache=True).logits[:, -1]
+        self.prefill_peak = meter.peak
+        self._token = logits.argmax(-1, keepdim=True)
+        self.tokens.append(int(self._token))
+
+    def step(self) -> None:
+        """One decode step, timed until the token is on the host. An IceCache's background index
+        work is drained inside the timed region, so none of it spills into another run's step."""
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logits = self.model(self._token, past_key_values=self.cache, use_cache=True).logits[:, -1]
+        self._token = logits.argmax(-1, keepdim=True)
+        self.tokens.append(int(self._token))  # .item() synchronises the device: the step is really done
+        if isinstance(self.cache, IceCache):
+            self.cache.drain()
+        self.times.append(time.perf_counter() - t0)
+
+    def row(self, warmup: int) -> dict:
+        kept = self.times[warmup:]
+        row = {
+            "config": self.name,
+            "context": int(self.ids.shape[1]),
+            "ms_per_token_median": 1e3 * statistics.median(kept),
+            "ms_per_token_mean": 1e3 * statistics.fmean(kept),
+            "steps": len(kept),
+            "peak_device_kv_bytes_prefill": self.prefill_peak,
+            "device_kv_bytes_decode": KVMeter(self.cache).current(),
+            "device_kv_bytes_decode_sparse_layers": KVMeter(self.cache).current(sparse_only=True),
+            "tokens": self.tokens,
+        }
+        if isinstance(self.cache, IceCache) and self.cache.stats is not None:
+            row.update(_breakdown(self.cache, len(kept), row["ms_per_token_mean"]))
+        return row
+
+    def close(self) -> None:
+        if isinstance(self.cache, IceCache):
+            self.cache.close()
 
 
-def _measure(model, ids, name: str, cache, args) -> dict:
-    times, tokens, prefill_peak = _decode(model, ids, cache, args.steps + args.warmup)
-    kept = times[args.warmup :]
-    row = {
-        "config": name,
-        "context": int(ids.shape[1]),
-        "ms_per_token_median": 1e3 * statistics.median(kept),
-        "ms_per_token_mean": 1e3 * statistics.fmean(kept),
-        "steps": len(kept),
-        "peak_device_kv_bytes_prefill": prefill_peak,
-        "device_kv_bytes_decode": KVMeter(cache).current(),
-        "device_kv_bytes_decode_sparse_layers": KVMeter(cache).current(sparse_only=True),
-        "tokens": tokens,
-    }
-    if isinstance(cache, IceCache) and cache.stats is not None:
-        steps = cache.stats.steps[-len(kept) :]
-        n = max(1, len(steps))
-        for field in ("select_ms", "load_ms", "attend_ms"):
-            row[field] = sum(getattr(s, field) for s in steps) / n
-        row["rest_ms"] = row["ms_per_token_mean"] - row["select_ms"] - row["load_ms"] - row["attend_ms"]
-        row["pages_loaded_per_step"] = sum(s.pages_loaded for s in steps) / n
-        row["bytes_loaded_per_step"] = sum(s.bytes_loaded for s in steps) / n
-        row["hit_rate"] = sum(s.pages_hit for s in steps) / max(1, sum(s.pages_selected for s in steps))
-        row.update(cache.host_memory())
-    return row
+def _breakdown(cache: IceCache, n_kept: int, mean_ms: float) -> dict:
+    """select / load / attend / rest ms per token, pages and bytes moved, hit rate, host memory."""
+    steps = cache.stats.steps[-n_kept:]
+    n = max(1, len(steps))
+    out = {field: sum(getattr(s, field) for s in steps) / n for field in ("select_ms", "load_ms", "attend_ms")}
+    out["rest_ms"] = mean_ms - out["select_ms"] - out["load_ms"] - out["attend_ms"]
+    out["pages_loaded_per_step"] = sum(s.pages_loaded for s in steps) / n
+    out["bytes_loaded_per_step"] = sum(s.bytes_loaded for s in steps) / n
+    out["hit_rate"] = sum(s.pages_hit for s in steps) / max(1, sum(s.pages_selected for s in steps))
+    out.update(cache.host_memory())
+    return out
 
 
 def _configs(args) -> list[tuple[str, IceCacheConfig | None]]:
     out: list[tuple[str, IceCacheConfig | None]] = [("full", None)]
-    for budget in [int(b) for b in args.budgets.split(",") if b]:
-        for reuse in [int(r) for r in args.layer_reuse.split(",") if r]:
+    for budget in _ints(args.budgets):
+        for reuse in _ints(args.layer_reuse):
             name = f"icecache@{budget}" + (f" r={reuse}" if reuse > 1 else "")
             out.append((name, IceCacheConfig(budget=budget, layer_reuse=reuse)))
     return out
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+def _runs(model, ids, args) -> list[_Run]:
+    runs = [_Run(model, ids, name, DynamicCache() if cfg is None else IceCache(model, cfg)) for name, cfg in _configs(args)]
+    if args.short:
+        runs.append(_Run(model, ids[:, : args.short], f"full@{args.short}", DynamicCache()))
+    return runs
+
+
+def _measure_all(runs: list[_Run], args) -> list[dict]:
+    """``interleaved``: every run is prefilled, then each step decodes one token of every run in
+    turn, so slow phases of a shared machine hit all configurations alike; ``sequential``: one
+    run after the other, each freed before the next starts."""
+    n_steps = args.steps + args.warmup
+    if args.schedule == "interleaved":
+        for r in runs:
+            r.prefill()
+        for _ in range(n_steps):
+            for r in runs:
+                r.step()
+        return [r.row(args.warmup) for r in runs]
+    rows = []
+    for r in runs:
+        r.prefill()
+        for _ in range(n_steps):
+            r.step()
+        rows.append(r.row(args.warmup))
+        r.close()
+    return rows
 
 
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, ids = _model_and_prompt(args)
-    rows = []
-    for name, cfg in _configs(args):
-        cache = DynamicCache() if cfg is None else IceCache(model, cfg)
-        try:
-            rows.append(_measure(model, ids, name, cache, args))
-        finally:
-            if isinstance(cache, IceCache):
-                cache.close()
-        log.info("%s: %.1f ms/token", name, rows[-1]["ms_per_token_median"])
-    if args.short:
-        rows.append(_measure(model, ids[:, : args.short], f"full@{args.short}", DynamicCache(), args))
+    runs = _runs(model, ids, args)
+    try:
+        rows = _measure_all(runs, args)
+    finally:
+        for r in runs:
+            r.close()
+    for row in rows:
+        log.info("%s: %.1f ms/token", row["config"], row["ms_per_token_median"])
     full = rows[0]["ms_per_token_median"]
     summary = {r["config"]: {"ms_per_token": r["ms_per_token_median"], "ratio_to_full": r["ms_per_token_median"] / full} for r in rows}
     for r in rows[1:]:
@@ -153,7 +225,7 @@ def run(args) -> dict:
             summary[r["config"]]["tokens_equal_full"] = r["tokens"] == rows[0]["tokens"]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} torch threads)"
     return {"length": args.length, "device": device, "dtype": args.dtype, "random_weights": args.random_weights,
-            "date": time.strftime("%Y-%m-%d"), "rows": rows, "summary": summary}
+            "schedule": args.schedule, "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "date": time.strftime("%Y-%m-%d"), "rows": rows, "summary": summary}
 
 
 def main(argv=None) -> int:

@@ -159,6 +159,12 @@ class IceCache(Cache):
             "index_bytes_per_token_head": index_bytes / max(1, tokens),
         }
 
+    def drain(self) -> None:
+        """Wait until the background index work queued so far (builds, insertions) is done; the
+        results are still applied at each layer's next step, as usual."""
+        if self.runtime is not None:
+            self.runtime.drain()
+
     def close(self) -> None:
         """Finish background work, free host pages and unlink the pool (idempotent)."""
         for layer in self.layers:

@@ -34,6 +34,10 @@ class SparseRuntime:
     def submit(self, fn, *args) -> Future:
         return self._executor.submit(fn, *args)
 
+    def drain(self) -> None:
+        """Block until every background job submitted so far has run (the thread is FIFO)."""
+        self._executor.submit(lambda: None).result()
+
     def begin_step(self) -> None:
         """Start a new decode step's counters (called at the first sparse layer of a step)."""
         self._step = StepStats()

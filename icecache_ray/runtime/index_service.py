@@ -15,7 +15,6 @@ import functools
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +23,7 @@ from icecache_ray.config import IceCacheConfig
 from icecache_ray.policies import make_policy
 from icecache_ray.pool import PagePool, PoolLayout, remove_segment
 from icecache_ray.ragged import EMPTY, PagePicks
+from icecache_ray.split_work import WorkSplitter
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,7 @@ class IndexService:
         self.dirty: dict[tuple[str, int, int], list[np.ndarray]] = {}
         self._inboxes: dict[str, PagePool] = {}
         self._lock = threading.RLock()
-        self._select_pool = ThreadPoolExecutor(select_threads - 1, thread_name_prefix="select") if select_threads > 1 else None
-        self.select_threads = select_threads
+        self._splitter = WorkSplitter(select_threads)
         self.select_calls, self.select_s = 0, 0.0  # time spent inside select (not transport)
 
     # ------------------------------------------------------------------ transport helpers
@@ -163,14 +162,9 @@ class IndexService:
         stores = [self._store(key) for key in keys]  # LostStores before any state changes
         dirty_out = [self._pop_dirty(key) for key in keys]
         work = list(zip(stores, queries))
-        if self._select_pool is not None and len(work) > 1:
-            # the calling thread takes the first share, the pool the others
-            cut = [len(work) * i // self.select_threads for i in range(self.select_threads + 1)]
-            futures = [self._select_pool.submit(self._select_items, work[a:b], k, with_tokens) for a, b in zip(cut[1:-1], cut[2:])]
-            answers = [self._select_items(work[: cut[1]], k, with_tokens)] + [f.result() for f in futures]
-        else:
-            answers = [self._select_items(work, k, with_tokens)]
-        pages_out, counts_out, tokens_out = ([x for part in answers for x in part[i]] for i in range(3))
+        answers = self._splitter.map_shares(lambda share: [self._select_one(store, q, k, with_tokens) for store, q in share], work)
+        pages_out, counts_out, tokens_out = (list(column) for column in zip(*answers)) if answers else ([], [], [])
+        tokens_out = [t for t in tokens_out if t is not None]
         out = Selection.from_items(pages_out, counts_out, dirty_out, tokens=tokens_out or None)
         self.select_calls += 1
         self.select_s += time.perf_counter() - t0
@@ -180,21 +174,12 @@ class IndexService:
         dirty = self.dirty.pop(key, [])
         return np.concatenate(dirty) if dirty else EMPTY
 
-    def _select_items(self, work: list, k: int, with_tokens: bool) -> tuple[list, list, list]:
-        """(pool pages, valid rows, middle tokens or nothing) of each (store, queries) in ``work``."""
-        pages_out, counts_out, tokens_out = [], [], []
-        for store, q in work:
-            if self.pool is None:
-                pages_out.append(EMPTY)
-                counts_out.append(EMPTY)
-                tokens_out.append(self.policy.select(store, q, k).tokens)
-                continue
-            pages, pool_pages, counts = store.select_pages(np.ascontiguousarray(q), k)
-            pages_out.append(pool_pages)
-            counts_out.append(counts)
-            if with_tokens:
-                tokens_out.append(store.tokens_of(pages))
-        return pages_out, counts_out, tokens_out
+    def _select_one(self, store, q: np.ndarray, k: int, with_tokens: bool) -> tuple:
+        """(pool pages, valid rows, middle tokens or None) of one store for its queries q."""
+        if self.pool is None:
+            return EMPTY, EMPTY, self.policy.select(store, q, k).tokens
+        pages, pool_pages, counts = store.select_pages(np.ascontiguousarray(q), k)
+        return pool_pages, counts, store.tokens_of(pages) if with_tokens else None
 
     @_locked
     def token_rows(self, layer: int, seq: str, head: int, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -235,6 +220,4 @@ class IndexService:
             self.pool.close()
             self.pool.unlink()
             self.pool = None
-        if self._select_pool is not None:
-            self._select_pool.shutdown(wait=False)
-            self._select_pool = None
+        self._splitter.close()
