@@ -151,7 +151,7 @@ def capture_qk(
                 recorder.chunk_start = start
                 model(
                     input_ids=input_ids[:, start : start + chunk_size],
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=True,
                     logits_to_keep=1,
                     **{RECORDER_KWARG: recorder},

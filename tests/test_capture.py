@@ -92,7 +92,7 @@ def test_chunked_logits_through_capture_equal_plain_sdpa(tiny):
         with torch.inference_mode():
             for start in range(0, 200, 64):
                 recorder.chunk_start = start
-                parts.append(tiny(ids[:, start : start + 64], past_key_values=cache, **{RECORDER_KWARG: recorder}).logits)
+                parts.append(tiny(ids[:, start : start + 64], cache=cache, **{RECORDER_KWARG: recorder}).logits)
     finally:
         tiny.set_attn_implementation("sdpa")
     torch.testing.assert_close(torch.cat(parts, dim=1), plain, atol=1e-5, rtol=1e-5)
@@ -119,7 +119,7 @@ def test_keys_equal_the_cache_of_a_plain_unchunked_run(tiny):
     captured = capture_qk(tiny, ids, layers=[2, 0], chunk_size=128)
     cache = DynamicCache(config=tiny.config)
     with torch.inference_mode():
-        tiny(ids, past_key_values=cache, use_cache=True)
+        tiny(ids, cache=cache, use_cache=True)
     assert list(captured.keys) == [2, 0]
     for layer in (0, 2):
         assert captured.keys[layer].dtype == np.float32

@@ -1,5 +1,7 @@
 """Sparse decoding inside stock transformers: the key invariants on tiny random models."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,11 +31,11 @@ def _decode_logits(model, ids, cache, steps):
     """Greedy decode with ``cache``; returns the logits of every step [steps, vocab]."""
     out = []
     with torch.inference_mode():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(ids, cache=cache, use_cache=True).logits[:, -1]
         out.append(logits)
         for _ in range(steps - 1):
             nxt = logits.argmax(-1, keepdim=True)
-            logits = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(nxt, cache=cache, use_cache=True).logits[:, -1]
             out.append(logits)
     return torch.cat(out)
 
@@ -67,7 +69,9 @@ def test_full_policy_is_plain_transformers():
     with torch.inference_mode():
         plain = model.generate(ids, max_new_tokens=12, do_sample=False)
         cache = IceCache(model, IceCacheConfig(policy="full"))
-        ours = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+        with warnings.catch_warnings():  # the stock name the issue asks for; transformers >= 5.24 prefers cache=
+            warnings.simplefilter("ignore", FutureWarning)
+            ours = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
     cache.close()
     assert torch.equal(plain, ours)
 
@@ -99,7 +103,7 @@ def test_model_generate_works_with_our_cache():
     cache = IceCache(model, IceCacheConfig(budget=1024))
     try:
         with torch.inference_mode():
-            ours = model.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False)
+            ours = model.generate(ids, cache=cache, max_new_tokens=10, do_sample=False)
     finally:
         cache.close()
     with torch.inference_mode():
@@ -172,11 +176,11 @@ def _batched_logits(model, prompts, cache, forced):
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = []
     with torch.inference_mode():
-        out.append(model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1])
+        out.append(model(ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).logits[:, -1])
         for t in range(forced.shape[1]):
             mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
             pos = pos[:, -1:] + 1
-            out.append(model(forced[:, t : t + 1], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1])
+            out.append(model(forced[:, t : t + 1], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).logits[:, -1])
     return torch.stack(out)
 
 
@@ -215,7 +219,7 @@ def test_right_padding_is_rejected_with_a_clear_error():
     cache = IceCache(model, IceCacheConfig(budget=64))
     try:
         with pytest.raises(ValueError, match="left padding"), torch.inference_mode():
-            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model(ids, attention_mask=mask, cache=cache, use_cache=True)
     finally:
         cache.close()
 
@@ -297,7 +301,7 @@ def test_device_kv_is_bounded_during_prefill_and_constant_in_context_during_deco
         try:
             meter = KVMeter(cache)
             with meter.tracking(), torch.inference_mode():
-                model(ids, past_key_values=cache, use_cache=True)
+                model(ids, cache=cache, use_cache=True)
             layer_full = 2 * 2 * n * 16 * 4  # K and V, 2 KV heads, head_dim 16, float32
             sparse = meter.current(sparse_only=True)
             assert meter.peak <= 2 * layer_full + layer_full + sparse  # 2 dense layers + 1 transient

@@ -138,13 +138,13 @@ def test_a_restarted_service_is_rebuilt_from_the_replay_log_with_the_same_tokens
     got = []
     try:
         with torch.inference_mode():
-            logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(ids, cache=cache, use_cache=True).logits[:, -1]
             for step in range(40):
                 got.append(logits.argmax(-1))
                 if step == 20:  # pages inserted since the prefill must come back too
                     handle.restart()
                 nxt = logits.argmax(-1, keepdim=True)
-                logits = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = model(nxt, cache=cache, use_cache=True).logits[:, -1]
         assert client.generation == 1
     finally:
         cache.close()

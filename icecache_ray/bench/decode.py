@@ -86,7 +86,7 @@ def _run(model, prompts, cache, steps: int, warmup: int = 0, on_warm=None) -> tu
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     times, tokens = [], []
     with torch.inference_mode():
-        logits = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
         for i in range(steps):
             if i == warmup and on_warm is not None:
                 on_warm()
@@ -95,7 +95,7 @@ def _run(model, prompts, cache, steps: int, warmup: int = 0, on_warm=None) -> tu
             tokens.append(nxt[:, 0].tolist())
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos[:, -1:] + 1
-            logits = model(nxt, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(nxt, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
             times.append(time.perf_counter() - t0)
     return times, [list(col) for col in zip(*tokens)]
 

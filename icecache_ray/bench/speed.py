@@ -112,7 +112,7 @@ class _Run:
         """Prefill ``ids`` [1, T], tracking the peak device KV bytes."""
         meter = KVMeter(self.cache)
         with torch.inference_mode(), meter.tracking():
-            logits = self.model(self.ids, past_key_values=self.cache, use_cache=True).logits[:, -1]
+            logits = self.model(self.ids, cache=self.cache, use_cache=True).logits[:, -1]
         self.prefill_peak = meter.peak
         self._token = logits.argmax(-1, keepdim=True)
         self.tokens.append(int(self._token))
@@ -122,7 +122,7 @@ class _Run:
         work is drained inside the timed region, so none of it spills into another run's step."""
         t0 = time.perf_counter()
         with torch.inference_mode():
-            logits = self.model(self._token, past_key_values=self.cache, use_cache=True).logits[:, -1]
+            logits = self.model(self._token, cache=self.cache, use_cache=True).logits[:, -1]
         self._token = logits.argmax(-1, keepdim=True)
         self.tokens.append(int(self._token))  # .item() synchronises the device: the step is really done
         if isinstance(self.cache, IceCache):

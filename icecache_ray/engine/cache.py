@@ -3,7 +3,7 @@
 Use it with stock ``model.generate``::
 
     cache = IceCache(model, IceCacheConfig(budget=256))
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64, do_sample=False)
+    out = model.generate(input_ids, cache=cache, max_new_tokens=64, do_sample=False)
     cache.close()
 
 Constructing the cache registers our attention function (``icecache_sparse``) and switches *that

@@ -119,7 +119,7 @@ def generate_batch(
     try:
         with torch.inference_mode():
             out = model.generate(
-                input_ids.to(model.device), attention_mask=mask.to(model.device), past_key_values=cache,
+                input_ids.to(model.device), attention_mask=mask.to(model.device), cache=cache,
                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
             )
         wall = time.perf_counter() - t0
@@ -147,7 +147,7 @@ class SharedPrefill:
         self.prompt_tokens = len(prompt_ids)
         cache = DynamicCache()
         with torch.inference_mode():
-            self.logits = model(torch.tensor([prompt_ids], device=model.device), past_key_values=cache, use_cache=True).logits[:, -1]
+            self.logits = model(torch.tensor([prompt_ids], device=model.device), cache=cache, use_cache=True).logits[:, -1]
         self.keys = [layer.keys for layer in cache.layers]
         self.values = [layer.values for layer in cache.layers]
 
@@ -179,5 +179,5 @@ def _greedy(model, cache, logits: torch.Tensor, max_new_tokens: int, eos: int | 
             out.append(token)
             if token == eos or step == max_new_tokens - 1:
                 break
-            logits = model(torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(torch.tensor([[token]], device=model.device), cache=cache, use_cache=True).logits[:, -1]
     return out

@@ -58,11 +58,11 @@ def _teacher_forced_nll(model, prompt: torch.Tensor, target: list[int], cache) -
     """Per-token NLL of ``target`` after ``prompt`` [1, T], decoding one token at a time."""
     nll = []
     with torch.inference_mode():
-        logits = model(prompt, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(prompt, cache=cache, use_cache=True).logits[0, -1]
         for i, token in enumerate(target):
             nll.append(-float(torch.log_softmax(logits.float(), -1)[token]))
             if i + 1 < len(target):
-                logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1]
+                logits = model(torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1]
     return nll
 
 
