@@ -1,4 +1,5 @@
-"""How the command-line tools hand back results: one JSON document on stdout, and in a file."""
+"""The command-line tools' shared plumbing: comma-separated integer options in, one JSON document
+out (on stdout, and in a file)."""
 
 from __future__ import annotations
 
@@ -13,3 +14,11 @@ def emit_json(result: dict, path: str | None = None) -> None:
         with open(path, "w") as fh:
             fh.write(text + "\n")
     sys.stdout.write(text + "\n")
+
+
+def positive_ints(text: str, name: str) -> list[int]:
+    """``"1,4,8"`` -> [1, 4, 8] (empty parts skipped); ``ValueError`` naming ``--name`` otherwise."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise ValueError(f"got --{name}={text!r}: --{name} must be positive integers (each at least 1), comma-separated")
+    return [int(part) for part in parts]

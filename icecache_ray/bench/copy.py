@@ -21,7 +21,7 @@ import torch
 
 from icecache_ray.kernels.bulk_copy import CupyPageCopier
 from icecache_ray.pool import PagePool, PoolLayout
-from icecache_ray.report import emit_json
+from icecache_ray.report import emit_json, positive_ints
 
 
 def _time(fn, repeats: int) -> float:
@@ -71,9 +71,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    try:
+        sizes = positive_ints(args.pages, "pages")
+    except ValueError as err:
+        p.error(str(err))
     if not torch.cuda.is_available():
         raise SystemExit("bench.copy needs a CUDA device")
-    sizes = [int(x) for x in args.pages.split(",")]
     pool = PagePool.create(PoolLayout(capacity_pages=max(sizes) * 2, page_size=16, head_dim=64, dtype="float32"))
     try:
         pool.pages[:] = np.random.default_rng(0).standard_normal(pool.pages.shape, dtype=np.float32)

@@ -38,7 +38,7 @@ from icecache_ray.engine.cache import IceCache
 from icecache_ray.engine.generate import left_padded
 from icecache_ray.haystack import essay_prompt_ids
 from icecache_ray.model import load_model
-from icecache_ray.report import emit_json
+from icecache_ray.report import emit_json, positive_ints
 
 log = logging.getLogger("icecache_ray.bench.decode")
 
@@ -63,11 +63,9 @@ def _parse(argv):
     p.add_argument("--model", default=None)
     args = p.parse_args(argv)
     try:
-        args.batch_sizes = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        p.error(f"--batches: expected comma-separated integers like 1,4,8, got {args.batches!r}")
-    if min(args.batch_sizes) < 1:
-        p.error(f"--batches: every batch size must be at least 1, got {args.batches!r}")
+        args.batch_sizes = positive_ints(args.batches, "batches")
+    except ValueError as err:
+        p.error(str(err))
     for name in ("steps", "length", "budget", "actors", "select_threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

@@ -24,6 +24,7 @@ from icecache_ray.config import BeamRule, IceCacheConfig, IndexConfig
 from icecache_ray.metrics import percentile_ms, softmax_rows, topk_hit_rate
 from icecache_ray.policies import make_policy
 from icecache_ray.pool import PagePool, PoolLayout
+from icecache_ray.report import positive_ints
 
 log = logging.getLogger("icecache_ray.bench.retrieval")
 
@@ -227,12 +228,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _ints(text: str, name: str) -> list[int]:
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"--{name}={text!r}: expected a comma-separated list of integers") from None
-    if not values or min(values) <= 0:
-        raise SystemExit(f"--{name}={text!r}: expected positive integers")
-    return values
+        return positive_ints(text, name)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 def _nan_to_none(value):

@@ -38,6 +38,7 @@ from icecache_ray.engine.cache import IceCache
 from icecache_ray.engine.memory import KVMeter
 from icecache_ray.haystack import essay_prompt_ids
 from icecache_ray.model import load_model
+from icecache_ray.report import positive_ints
 
 log = logging.getLogger("icecache_ray.bench.speed")
 
@@ -64,12 +65,8 @@ def _parse(argv):
     for name, least in (("length", 1), ("steps", 1), ("warmup", 0), ("short", 0), ("threads", 0)):
         if getattr(args, name) < least:
             p.error(f"--{name} must be >= {least}, got {getattr(args, name)}")
-    for name in ("budgets", "layer_reuse"):
-        text = getattr(args, name)
-        if not all(part.strip().isdigit() and int(part) > 0 for part in text.split(",")):
-            p.error(f"--{name.replace('_', '-')} must be positive integers separated by commas, got {text!r}")
     try:
-        _configs(args)  # every configuration is validated before the model loads
+        _configs(args)  # every list and configuration is validated before the model loads
     except ValueError as err:
         p.error(str(err))
     return args
@@ -166,15 +163,11 @@ def _breakdown(cache: IceCache, n_kept: int, mean_ms: float) -> dict:
 
 def _configs(args) -> list[tuple[str, IceCacheConfig | None]]:
     out: list[tuple[str, IceCacheConfig | None]] = [("full", None)]
-    for budget in _ints(args.budgets):
-        for reuse in _ints(args.layer_reuse):
+    for budget in positive_ints(args.budgets, "budgets"):
+        for reuse in positive_ints(args.layer_reuse, "layer-reuse"):
             name = f"icecache@{budget}" + (f" r={reuse}" if reuse > 1 else "")
             out.append((name, IceCacheConfig(budget=budget, layer_reuse=reuse)))
     return out
-
-
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part]
 
 
 def _runs(model, ids, args) -> list[_Run]:
