@@ -4,6 +4,7 @@ out (on stdout, and in a file)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -22,3 +23,13 @@ def positive_ints(text: str, name: str) -> list[int]:
     if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
         raise ValueError(f"got --{name}={text!r}: --{name} must be positive integers (each at least 1), comma-separated")
     return [int(part) for part in parts]
+
+
+def short_gomp_spin(count: str = "1000") -> str | None:
+    """Ask libgomp for a short spin (``GOMP_SPINCOUNT``) before torch loads: idle torch threads
+    then stop spinning on the cores our index threads need between ops. An explicit value wins.
+    Returns the value the process really runs with (``None``: libgomp's default), which is the
+    inherited one when torch was already loaded (the variable is read only at load)."""
+    if "torch" in sys.modules:
+        return os.environ.get("GOMP_SPINCOUNT")
+    return os.environ.setdefault("GOMP_SPINCOUNT", count)

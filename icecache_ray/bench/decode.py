@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import sys
 import time
 
+from icecache_ray.report import emit_json, positive_ints, short_gomp_spin
+
 # While the worker waits for a selection answer, libgomp's idle torch threads spin on the cores
-# the index actor needs (2 cores here); a short spin frees them. Read when torch loads, so it is
-# set before the import (an explicit GOMP_SPINCOUNT wins).
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+# the index actor needs (2 cores here); a short spin frees them. Read when torch loads, hence
+# before the import.
+_SPIN_IN_EFFECT = short_gomp_spin()
 
 import torch  # noqa: E402
 
@@ -38,7 +39,6 @@ from icecache_ray.engine.cache import IceCache
 from icecache_ray.engine.generate import left_padded
 from icecache_ray.haystack import essay_prompt_ids
 from icecache_ray.model import load_model
-from icecache_ray.report import emit_json, positive_ints
 
 log = logging.getLogger("icecache_ray.bench.decode")
 
@@ -192,7 +192,7 @@ def run(args) -> dict:
                         "ray_calls_select_frac_b8": by[("ray", 8)]["select_frac"], "step_ms_ray_calls_b8": by[("ray", 8)]["step_ms"]})
     return {"config": {"budget": args.budget, "length": args.length, "steps": args.steps, "actors": args.actors, "select_threads": args.select_threads,
                        "torch_threads": torch.get_num_threads(),
-                       "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}, "date": time.strftime("%Y-%m-%d"), "rows": rows, "summary": summary}
+                       "gomp_spincount": _SPIN_IN_EFFECT}, "date": time.strftime("%Y-%m-%d"), "rows": rows, "summary": summary}
 
 
 def main(argv=None) -> int:

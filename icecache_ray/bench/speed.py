@@ -20,15 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 import time
 
-# Idle torch threads spin in libgomp after every op by default, on the cores the index thread
-# needs between ops; a short spin (as in bench.decode, and as the README advises for
-# deployments) frees them. Read when torch loads, hence before the import; an explicit value wins.
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+from icecache_ray.report import positive_ints, short_gomp_spin
+
+# libgomp reads it when torch loads, hence before the import (the background index thread needs
+# the cores idle torch threads would spin on; as in bench.decode).
+_SPIN_IN_EFFECT = short_gomp_spin()
 
 import torch  # noqa: E402
 from transformers import DynamicCache
@@ -38,7 +38,6 @@ from icecache_ray.engine.cache import IceCache
 from icecache_ray.engine.memory import KVMeter
 from icecache_ray.haystack import essay_prompt_ids
 from icecache_ray.model import load_model
-from icecache_ray.report import positive_ints
 
 log = logging.getLogger("icecache_ray.bench.speed")
 
@@ -218,7 +217,7 @@ def run(args) -> dict:
             summary[r["config"]]["tokens_equal_full"] = r["tokens"] == rows[0]["tokens"]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} torch threads)"
     return {"length": args.length, "device": device, "dtype": args.dtype, "random_weights": args.random_weights,
-            "schedule": args.schedule, "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "date": time.strftime("%Y-%m-%d"), "rows": rows, "summary": summary}
+            "schedule": args.schedule, "gomp_spincount": _SPIN_IN_EFFECT, "date": time.strftime("%Y-%m-%d"), "rows": rows, "summary": summary}
 
 
 def main(argv=None) -> int:
