@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from numba import njit
 
 from icecache_ray.kernels import mdci as K
 from icecache_ray.kernels import reference as R
@@ -90,6 +91,23 @@ def test_score_pages_and_cluster_pages_parity():
     nxt = np.array([1, -1, 3, -1], np.int32)
     clusters = np.array([1, 0, 2], np.int64)
     np.testing.assert_array_equal(K.cluster_pages(first, nxt, clusters), R.cluster_pages_ref(first, nxt, clusters))
+
+
+def test_exp_vec_parity_with_libm():
+    """The vectorisable exp stays within 1 ulp of np.exp on [-708, 709] and is 0 below (and for -inf)."""
+    x = np.concatenate([-_rng(9).exponential(20.0, 20000), _rng(10).uniform(-5, 5, 2000), np.linspace(-708, 709, 2001)])
+
+    @njit
+    def many(xs):
+        out = np.empty_like(xs)
+        for i in range(xs.shape[0]):
+            out[i] = K.exp_vec(xs[i])
+        return out
+
+    got, want = many(x), np.exp(x)
+    np.testing.assert_allclose(got[x >= -708], want[x >= -708], rtol=2.3e-16, atol=0)
+    assert (got[x < -708] == 0).all()
+    assert many(np.array([-np.inf, np.nan, -708.5, 0.0])).tolist() == [0.0, 0.0, 0.0, 1.0]
 
 
 @pytest.mark.parametrize("use_mass", [False, True])
