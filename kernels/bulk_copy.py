@@ -1,7 +1,10 @@
 """Bulk page copies from the host pool into device slots: one gather, one copy, one scatter.
 
-``HostPageCopier`` is the reference and the CPU path: gather the pages with NumPy, hand them to
+``HostPageCopier`` is the reference and the fallback: gather the pages with NumPy, hand them to
 torch, ``index_copy_`` into the slot rows (on CUDA the copy is a synchronous-per-call ``.to``).
+``DirectPageCopier`` is the CPU path for float32 pools and buffers: on the CPU the "device"
+buffer is host memory too, so one numba pass copies each page row straight from the pool into its
+slot row (no staging array, no torch ops; a decode step's loads are mostly per-call overhead).
 ``CupyPageCopier`` is the GPU path: the gather writes straight into a pinned (page-locked)
 staging buffer, one ``cudaMemcpyAsync`` moves it to a device staging buffer on a dedicated CuPy
 stream, and the scatter runs on that same stream (torch sees it as an external stream); the
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from numba import njit
 
 
 class HostPageCopier:
@@ -28,6 +32,38 @@ class HostPageCopier:
         staged = torch.from_numpy(pool.read(pages))
         flat.index_copy_(0, rows, staged.view(-1, staged.shape[-1]).to(flat.device, flat.dtype))
         return staged.numel() * staged.element_size()
+
+
+@njit(cache=True)
+def copy_pages_to_rows(pool_pages: np.ndarray, pages: np.ndarray, rows: np.ndarray, dst: np.ndarray) -> None:
+    """pool_pages: [capacity, 2, P, d]; pages: [m] pool page ids; rows: [m * 2 * P] rows of
+    ``dst`` [N, d] (K rows then V rows of each page, the order of a pool gather). Bounds are
+    checked before anything is written."""
+    m, psize = pages.shape[0], pool_pages.shape[2]
+    if rows.shape[0] != m * 2 * psize or dst.shape[1] != pool_pages.shape[3]:
+        raise ValueError("copy_pages_to_rows: rows / dst do not match the pages")
+    for i in range(m):
+        if pages[i] < 0 or pages[i] >= pool_pages.shape[0]:
+            raise ValueError("copy_pages_to_rows: page id out of range")
+    for r in range(rows.shape[0]):
+        if rows[r] < 0 or rows[r] >= dst.shape[0]:
+            raise ValueError("copy_pages_to_rows: row out of range")
+    for i in range(m):
+        for t in range(2):
+            for s in range(psize):
+                dst[rows[(i * 2 + t) * psize + s]] = pool_pages[pages[i], t, s]
+
+
+class DirectPageCopier:
+    """CPU path (float32 pool into a float32 CPU buffer): see module docstring."""
+
+    name = "direct"
+
+    def copy(self, pool, pages: np.ndarray, rows: torch.Tensor, flat: torch.Tensor) -> int:
+        """Same contract as :meth:`HostPageCopier.copy`."""
+        ids = np.ascontiguousarray(pages, np.int64)
+        copy_pages_to_rows(pool.pages, ids, rows.numpy(), flat.numpy())
+        return len(ids) * pool.layout.page_bytes
 
 
 class CupyPageCopier:
@@ -74,8 +110,11 @@ class CupyPageCopier:
         return nbytes
 
 
-def make_copier(device: torch.device, page_shape: tuple[int, int, int]):
-    """The CuPy copier on CUDA devices when CuPy can reach the GPU, else the host copier."""
+def make_copier(device: torch.device, page_shape: tuple[int, int, int], pool_dtype: str = "float32", dtype=torch.float32):
+    """The CuPy copier on CUDA devices when CuPy can reach the GPU; on the CPU the direct copier
+    when pool and buffer are both float32; else the host copier."""
+    if device.type == "cpu" and pool_dtype == "float32" and dtype == torch.float32:
+        return DirectPageCopier()
     if device.type == "cuda":
         try:
             import cupy

@@ -1,11 +1,11 @@
-"""Bulk page copies: the CuPy path equals the host reference (GPU only); the host path itself."""
+"""Bulk page copies: the CPU direct path and the CuPy path (GPU only) equal the host reference; the host path itself."""
 
 import numpy as np
 import pytest
 import torch
 
 from icecache_ray.engine.resident import ResidentKV
-from icecache_ray.kernels.bulk_copy import CupyPageCopier, HostPageCopier, make_copier
+from icecache_ray.kernels.bulk_copy import CupyPageCopier, DirectPageCopier, HostPageCopier, make_copier
 from icecache_ray.pool import PagePool, PoolLayout
 
 PAGES = np.array([5, 17, 3, 40, 41, 63], np.int64)
@@ -43,7 +43,30 @@ def test_host_copier_puts_every_page_in_its_slot(pool):
         np.testing.assert_array_equal(kv.values[b, h, rows].numpy(), pool.pages[page, 1])
     assert moved == len(PAGES) * pool.layout.page_bytes
     assert int((kv.kv != 0).sum()) == len(PAGES) * 2 * 16 * 32  # nothing else was touched
-    assert isinstance(make_copier(torch.device("cpu"), pool.layout.page_shape), HostPageCopier)
+    assert isinstance(make_copier(torch.device("cpu"), pool.layout.page_shape, "bfloat16"), HostPageCopier)
+    assert isinstance(make_copier(torch.device("cpu"), pool.layout.page_shape, "float32", torch.bfloat16), HostPageCopier)
+
+
+def test_direct_copier_equals_host_reference(pool):
+    copier = make_copier(torch.device("cpu"), pool.layout.page_shape, "float32", torch.float32)
+    assert isinstance(copier, DirectPageCopier)
+    ref, ref_bytes = _copy(HostPageCopier(), pool, torch.device("cpu"))
+    got, got_bytes = _copy(copier, pool, torch.device("cpu"))
+    assert torch.equal(got.kv, ref.kv) and got_bytes == ref_bytes
+
+
+def test_direct_copier_rejects_bad_ids_before_writing(pool):
+    kv = ResidentKV(2, 3, 16, 8 * 16, 48, 32, torch.float32, torch.device("cpu"))
+    rows = kv.page_rows(BATCH, HEADS, SLOTS, 16)
+    bad = PAGES.copy()
+    bad[-1] = 64  # == capacity
+    with pytest.raises(ValueError, match="page id out of range"):
+        DirectPageCopier().copy(pool, bad, rows, kv.flat)
+    rows_bad = rows.clone()
+    rows_bad[0] = kv.flat.shape[0]
+    with pytest.raises(ValueError, match="row out of range"):
+        DirectPageCopier().copy(pool, PAGES, rows_bad, kv.flat)
+    assert int((kv.kv != 0).sum()) == 0
 
 
 @pytest.mark.gpu

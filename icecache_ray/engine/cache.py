@@ -17,9 +17,10 @@ import contextvars
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
 from icecache_ray.config import IceCacheConfig
+from icecache_ray.engine.dense_layer import GrowingLayer
 from icecache_ray.engine.runtime import SparseRuntime
 from icecache_ray.engine.sparse_layer import SparseLayer
 from icecache_ray.hf_attention import register_attention, sdpa_attention
@@ -89,8 +90,8 @@ def check_model(model, config: IceCacheConfig) -> tuple[int, int]:
 
 
 class IceCache(Cache):
-    """Dense layers for the first ``n_full_layers`` (and for every layer with policy ``full``),
-    :class:`SparseLayer` for the rest."""
+    """Dense layers (:class:`GrowingLayer`) for the first ``n_full_layers`` (and for every layer
+    with policy ``full``), :class:`SparseLayer` for the rest."""
 
     def __init__(self, model, config: IceCacheConfig | None = None, stores_factory=None, layer_range: range | None = None) -> None:
         """``stores_factory(layer_idx)`` -> a zero-argument maker of that layer's store backend
@@ -105,7 +106,7 @@ class IceCache(Cache):
         layers = []
         for i in range(n_layers):
             if i < config.n_full_layers or self.runtime is None or i not in served:
-                layers.append(DynamicLayer())
+                layers.append(GrowingLayer())
                 continue
             first_of_run = config.n_full_layers + (i - config.n_full_layers) // config.layer_reuse * config.layer_reuse
             if first_of_run not in served:

@@ -1,6 +1,6 @@
 """Device-resident KV accounting: what a cache holds on the model's device, and its peak.
 
-Counted per layer: a dense layer's K/V; a sparse layer's sink, window and page slots. During
+Counted per layer: a dense layer's K/V (with any spare room it holds); a sparse layer's sink, window and page slots. During
 prefill a sparse layer also returns the whole prompt's K/V of that layer for dense attention; those
 tensors are transient (dropped when the layer is done) and :class:`KVMeter` adds them to the
 running total only while that layer's update is the latest one, which is exactly the bound the
@@ -13,6 +13,8 @@ import contextlib
 
 import torch
 from transformers.cache_utils import Cache
+
+from icecache_ray.engine.sparse_layer import SparseLayer
 
 
 def _nbytes(*tensors) -> int:
@@ -30,7 +32,7 @@ def layer_device_bytes(layer) -> int:
 def device_kv_bytes(cache: Cache, sparse_only: bool = False) -> int:
     """Resident device K/V bytes of every layer of ``cache`` (or of its sparse layers only: the
     part that does not grow with the context)."""
-    return sum(layer_device_bytes(layer) for layer in cache.layers if not sparse_only or hasattr(layer, "device_bytes"))
+    return sum(layer_device_bytes(layer) for layer in cache.layers if not sparse_only or isinstance(layer, SparseLayer))
 
 
 class KVMeter:

@@ -73,7 +73,7 @@ class ResidentKV:
         the device (asynchronous from pinned memory with CuPy on CUDA), one scatter.
         Returns bytes moved."""
         if self._copier is None:
-            self._copier = make_copier(self.kv.device, pool.layout.page_shape)
+            self._copier = make_copier(self.kv.device, pool.layout.page_shape, pool.layout.dtype, self.kv.dtype)
         return self._copier.copy(pool, pages, rows, self.flat)
 
     def attend(self, query: torch.Tensor, mask: np.ndarray, scaling: float) -> torch.Tensor:
