@@ -85,7 +85,7 @@ class SparseLayer(CacheLayerMixin):
             raise ValueError(f"a decode step may add at most page_size={self.rt.config.page_size} tokens, got {n}")
         self._settle()
         self.prefill_step = False
-        ring = np.stack([self.book.place(b, self.book.length[b] + np.arange(n)) for b in range(key_states.shape[0])])  # [B, n]
+        ring = self.book.place_next(n)  # [B, n]
         rows = self.kv.rows(np.arange(ring.shape[0])[:, None, None], self.heads[None, :, None], self.kv.ring_start + ring[:, None, :])
         self.kv.write(rows, torch.stack([key_states, value_states]))
         self.book.length += n

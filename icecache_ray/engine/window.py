@@ -54,6 +54,17 @@ class WindowBook:
         self.ring_pos[b, rows] = positions
         return rows
 
+    def place_next(self, n: int) -> np.ndarray:
+        """:meth:`place` of every sequence's next ``n`` positions at once. Returns ring rows [B, n]."""
+        positions = self.length[:, None] + np.arange(n)[None, :]
+        rows = self.ring_index(positions)
+        batch = np.arange(len(self.length))[:, None]
+        old = self.ring_pos[batch, rows]
+        if ((old >= self.win_start[:, None]) & (old >= 0)).any():
+            raise RuntimeError("window ring overflow: too many tokens added in one step")
+        self.ring_pos[batch, rows] = positions
+        return rows
+
     def leaving(self) -> list[tuple[int, int]]:
         """Per sequence, the positions [lo, hi) that left the window of the next query; they are
         marked pending (still attended until :meth:`retire`)."""
