@@ -144,11 +144,12 @@ def test_eval_harness_output_contract(tmp_path):
 
     out = tmp_path / "pk.json"
     assert main(["passkey", "--policy", "icecache,full", "--budget", "128", "--lengths", "600",
-                 "--depths", "0.5", "--seed", "1", "--json", str(out)]) == 0
+                 "--depths", "0.5", "--seed", "1", "--layer-reuse", "2", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert {r["policy"] for r in data["rows"]} == {"icecache", "full"}
+    assert {r["policy"] for r in data["rows"]} == {"icecache", "full"} and data["layer_reuse"] == 2
     for row in data["rows"]:
         assert {"task", "policy", "budget", "length", "seed", "score", "depth"} <= set(row)
+        assert row["layer_reuse"] == (1 if row["policy"] == "full" else 2)
         assert row["task"] == "passkey" and 0.0 <= row["score"] <= 1.0 and row["length"] <= 600
     full = [r for r in data["rows"] if r["policy"] == "full"][0]
     assert full["score"] == 1.0  # the model finds the key with the dense cache at 600 tokens

@@ -116,6 +116,8 @@ def test_cli_rejects_bad_variants_before_loading_a_model(tmp_path):
         main(["ruler", "--variants", "niah_single,niah_bogus", "--json", str(tmp_path / "r.json")])
     with pytest.raises(SystemExit, match="--samples"):
         main(["ruler", "--samples", "0", "--json", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit, match="--layer-reuse"):
+        main(["passkey", "--layer-reuse", "0", "--json", str(tmp_path / "r.json")])
 
 
 def test_run_ruler_end_to_end_on_a_tiny_model():

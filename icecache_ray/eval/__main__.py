@@ -1,5 +1,6 @@
 """Accuracy harness: ``python -m icecache_ray.eval {passkey,longgen,ruler} --policy P1,P2 --budget B1,B2
---lengths L1,L2 [--depths D1,D2] [--variants V1,V2] [--samples N] --seed S --json OUT [--model PATH]``.
+--lengths L1,L2 [--depths D1,D2] [--variants V1,V2] [--samples N] [--layer-reuse R] --seed S --json OUT
+[--model PATH]``.
 
 Writes ``rows`` (one per trial) and ``summary`` (mean score per task, policy, budget, length) to
 the JSON file and a Markdown table next to it (``OUT`` with ``.md``). Tasks whose rows carry a
@@ -33,6 +34,8 @@ def _parse(argv):
     p.add_argument("--new-tokens", type=int, default=512, help="longgen: tokens to generate")
     p.add_argument("--variants", default=",".join(RULER_VARIANTS), help="ruler: variants to run")
     p.add_argument("--samples", type=int, default=2, help="ruler: prompts per variant and length")
+    p.add_argument("--layer-reuse", type=int, default=1,
+                   help="IceCache(r) for every sparse policy: the first of each r sparse layers selects (default 1: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", required=True)
     p.add_argument("--model", default=None, help="model folder (default: bundled SmolLM2)")
@@ -49,17 +52,18 @@ def _list(text: str, cast, name: str):
     return values
 
 
-def configs(policies: list[str], budgets: list[int]) -> list[tuple[str, int | None, IceCacheConfig]]:
-    """(policy, budget, config) for every combination; ``full`` runs once (budget None)."""
+def configs(policies: list[str], budgets: list[int], layer_reuse: int = 1) -> list[tuple[str, int | None, IceCacheConfig]]:
+    """(policy, budget, config) for every combination; ``full`` runs once (budget None);
+    ``layer_reuse`` applies to the sparse policies."""
     out = []
     for policy in policies:
         if policy not in POLICIES:
             raise SystemExit(f"--policy {policy!r}: choose from {list(POLICIES)}")
         for budget in ([None] if policy == "full" else budgets):
             try:
-                cfg = IceCacheConfig(policy=policy, budget=budget or 256)
+                cfg = IceCacheConfig(policy=policy, budget=budget or 256, layer_reuse=1 if policy == "full" else layer_reuse)
             except ValueError as exc:
-                raise SystemExit(f"--budget {budget}: {exc}") from None
+                raise SystemExit(f"--budget {budget} / --layer-reuse {layer_reuse}: {exc}") from None
             out.append((policy, budget, cfg))
     return out
 
@@ -114,10 +118,12 @@ def main(argv=None) -> int:
     out = Path(args.json)
     if not out.parent.exists():
         raise SystemExit(f"--json {args.json}: folder {out.parent} does not exist")
-    runs = configs(_list(args.policy, str, "policy"), _list(args.budget, int, "budget"))
+    runs = configs(_list(args.policy, str, "policy"), _list(args.budget, int, "budget"), args.layer_reuse)
     lengths = _list(args.lengths or ("4096,7680" if args.task == "ruler" else "1024,2048,4096"), int, "lengths")
     if min(lengths) <= 0:
         raise SystemExit(f"--lengths {args.lengths!r}: must be positive")
+    if args.layer_reuse < 1:
+        raise SystemExit(f"--layer-reuse {args.layer_reuse}: must be a positive integer")
     if args.task == "ruler":
         ruler_variants = variants(args.variants)
         if args.samples <= 0:
@@ -141,9 +147,11 @@ def main(argv=None) -> int:
         from icecache_ray.eval.tasks import run_longgen
 
         rows = run_longgen(model, tokenizer, runs, lengths, args.new_tokens, args.seed)
+    for row in rows:
+        row["layer_reuse"] = 1 if row["policy"] == "full" else args.layer_reuse
     summary = summarize(rows)
     by_variant = summarize_by_variant(rows)
-    result = {"task": args.task, "rows": rows, "summary": summary, "wall_s": time.perf_counter() - t0, "argv": sys.argv[1:]}
+    result = {"task": args.task, "layer_reuse": args.layer_reuse, "rows": rows, "summary": summary, "wall_s": time.perf_counter() - t0, "argv": sys.argv[1:]}
     if by_variant:
         result["summary_by_variant"] = by_variant
     out.write_text(json.dumps(result, indent=2))
