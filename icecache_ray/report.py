@@ -3,9 +3,11 @@ out (on stdout, and in a file)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def emit_json(result: dict, path: str | None = None) -> None:
@@ -15,6 +17,17 @@ def emit_json(result: dict, path: str | None = None) -> None:
         with open(path, "w") as fh:
             fh.write(text + "\n")
     sys.stdout.write(text + "\n")
+
+
+def json_path(text: str) -> str:
+    """argparse ``type=`` for ``--json OUT``: the folder must exist, so a long run never ends
+    unable to write its result."""
+    folder = Path(text).expanduser().parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {str(folder)!r} does not exist")
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    return text
 
 
 def positive_ints(text: str, name: str) -> list[int]:

@@ -90,3 +90,18 @@ def test_speed_bench_rejects_bad_arguments(argv, match, capsys):
     with pytest.raises(SystemExit):
         speed.main(["--random-weights"] + argv)
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["icecache_ray.bench.retrieval", "icecache_ray.bench.speed", "icecache_ray.bench.decode",
+                                    "icecache_ray.bench.insert", "icecache_ray.bench.copy", "icecache_ray.eval.__main__"])
+def test_every_tool_rejects_an_output_folder_that_does_not_exist_before_any_work(module, tmp_path, capsys):
+    import importlib
+
+    main_fn = importlib.import_module(module).main
+    argv = ["passkey"] if module.endswith("eval.__main__") else []
+    with pytest.raises(SystemExit):
+        main_fn(argv + ["--json", str(tmp_path / "missing" / "out.json")])
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main_fn(argv + ["--json", str(tmp_path)])
+    assert "is a folder" in capsys.readouterr().err

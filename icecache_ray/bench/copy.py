@@ -21,7 +21,7 @@ import torch
 
 from icecache_ray.kernels.bulk_copy import CupyPageCopier
 from icecache_ray.pool import PagePool, PoolLayout
-from icecache_ray.report import emit_json, positive_ints
+from icecache_ray.report import emit_json, json_path, positive_ints
 
 
 def _time(fn, repeats: int) -> float:
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m icecache_ray.bench.copy", description=__doc__.splitlines()[0])
     p.add_argument("--pages", default="36,192,1536,12288", help="pages per copy (36 = one 8k step of a layer at budget 256)")
     p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, type=json_path)
     args = p.parse_args(argv)
     try:
         sizes = positive_ints(args.pages, "pages")

@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 
-from icecache_ray.report import emit_json, positive_ints, short_gomp_spin
+from icecache_ray.report import emit_json, json_path, positive_ints, short_gomp_spin
 
 # While the worker waits for a selection answer, libgomp's idle torch threads spin on the cores
 # the index actor needs (2 cores here); a short spin frees them. Read when torch loads, hence
@@ -59,7 +59,7 @@ def _parse(argv):
     p.add_argument("--actors", type=int, default=1, help="index actors (layers dealt round-robin)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--select-threads", type=int, default=2, help="threads of each index actor for one select request")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, type=json_path)
     p.add_argument("--model", default=None)
     args = p.parse_args(argv)
     try:

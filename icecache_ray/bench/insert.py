@@ -19,7 +19,7 @@ import numpy as np
 from icecache_ray.config import IndexConfig
 from icecache_ray.index.mdci import MDCIIndex
 from icecache_ray.pool import PagePool, PoolLayout
-from icecache_ray.report import emit_json
+from icecache_ray.report import emit_json, json_path
 
 HEAD_DIM, PAGE = 64, 16
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=950, help="tokens each index is built over")
     p.add_argument("--batches", type=int, default=8, help="16-token inserts per index")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, type=json_path)
     args = p.parse_args(argv)
     for name in ("stores", "tokens", "batches"):
         if getattr(args, name) < (2 if name == "stores" else 1):

@@ -24,7 +24,7 @@ from icecache_ray.config import BeamRule, IceCacheConfig, IndexConfig
 from icecache_ray.metrics import percentile_ms, softmax_rows, topk_hit_rate
 from icecache_ray.policies import make_policy
 from icecache_ray.pool import PagePool, PoolLayout
-from icecache_ray.report import positive_ints
+from icecache_ray.report import json_path, positive_ints
 
 log = logging.getLogger("icecache_ray.bench.retrieval")
 
@@ -211,7 +211,7 @@ def summarize(rows: list[dict], brute: dict, build: dict | None, sizes: list[int
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m icecache_ray.bench.retrieval", description=__doc__.splitlines()[0])
-    p.add_argument("--json", required=True, help="output file")
+    p.add_argument("--json", required=True, type=json_path, help="output file")
     p.add_argument("--quick", action="store_true", help="<= 5 minutes: 4k-token prompt, 3 layers, N up to 256k")
     p.add_argument("--model", default=None, help="model folder (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--length", type=int, default=None, help="real prompt tokens (default 8192; quick 4096)")
@@ -247,8 +247,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = _parse(argv)
     out_path = Path(args.json)
-    if not out_path.parent.exists():
-        raise SystemExit(f"--json {args.json}: folder {out_path.parent} does not exist")
     budgets = _ints(args.budgets, "budgets")
     policies = [p for p in args.policies.split(",") if p]
     for b in budgets:

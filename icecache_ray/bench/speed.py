@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 
-from icecache_ray.report import positive_ints, short_gomp_spin
+from icecache_ray.report import json_path, positive_ints, short_gomp_spin
 
 # libgomp reads it when torch loads, hence before the import (the background index thread needs
 # the cores idle torch threads would spin on; as in bench.decode).
@@ -51,7 +51,7 @@ def _parse(argv):
     p.add_argument("--layer-reuse", default="1", help="IceCache(r) reuse factors to measure, comma separated")
     p.add_argument("--short", type=int, default=16, help="context of the short full-cache reference (0: skip)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, type=json_path)
     p.add_argument("--model", default=None)
     p.add_argument("--random-weights", action="store_true",
                    help="SmolLM2-135M's architecture with random weights and random prompt tokens (for machines "

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from icecache_ray.config import POLICIES, IceCacheConfig
 from icecache_ray.eval.ruler import VARIANTS as RULER_VARIANTS
+from icecache_ray.report import json_path
 
 log = logging.getLogger("icecache_ray.eval")
 
@@ -37,7 +38,7 @@ def _parse(argv):
     p.add_argument("--layer-reuse", type=int, default=1,
                    help="IceCache(r) for every sparse policy: the first of each r sparse layers selects (default 1: off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", required=True)
+    p.add_argument("--json", required=True, type=json_path)
     p.add_argument("--model", default=None, help="model folder (default: bundled SmolLM2)")
     return p.parse_args(argv)
 
@@ -116,8 +117,6 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = _parse(argv)
     out = Path(args.json)
-    if not out.parent.exists():
-        raise SystemExit(f"--json {args.json}: folder {out.parent} does not exist")
     runs = configs(_list(args.policy, str, "policy"), _list(args.budget, int, "budget"), args.layer_reuse)
     lengths = _list(args.lengths or ("4096,7680" if args.task == "ruler" else "1024,2048,4096"), int, "lengths")
     if min(lengths) <= 0:

@@ -15,7 +15,7 @@ import statistics
 import sys
 
 from icecache_ray.jobs.outputs import OutputDir
-from icecache_ray.report import emit_json
+from icecache_ray.report import emit_json, json_path
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m icecache_ray.jobs.compare", description=__doc__.splitlines()[0])
     p.add_argument("--reference", required=True, help="output folder of the baseline run (e.g. --policy full)")
     p.add_argument("--candidate", required=True, help="output folder of the run to score")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, type=json_path)
     args = p.parse_args(argv)
     result = compare(args.reference, args.candidate)
     emit_json(result, args.json)
