@@ -1,5 +1,5 @@
-"""The command-line tools' shared plumbing: comma-separated integer options in, one JSON document
-out (on stdout, and in a file)."""
+"""The command-line tools' shared plumbing: comma-separated integer options and a checked output
+path in, one JSON document out (on stdout, and in a file)."""
 
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ def emit_json(result: dict, path: str | None = None) -> None:
 
 def json_path(text: str) -> str:
     """argparse ``type=`` for ``--json OUT``: the folder must exist, so a long run never ends
-    unable to write its result."""
-    folder = Path(text).expanduser().parent
-    if not folder.is_dir():
-        raise argparse.ArgumentTypeError(f"folder {str(folder)!r} does not exist")
-    if Path(text).is_dir():
+    unable to write its result. Returns the path with ``~`` expanded (the one that was checked)."""
+    path = Path(text).expanduser()
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
-    return text
+    return str(path)
 
 
 def positive_ints(text: str, name: str) -> list[int]:

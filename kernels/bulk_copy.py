@@ -110,7 +110,7 @@ class CupyPageCopier:
         return nbytes
 
 
-def make_copier(device: torch.device, page_shape: tuple[int, int, int], pool_dtype: str = "float32", dtype=torch.float32):
+def make_copier(device: torch.device, page_shape: tuple[int, int, int], pool_dtype: str, dtype: torch.dtype):
     """The CuPy copier on CUDA devices when CuPy can reach the GPU; on the CPU the direct copier
     when pool and buffer are both float32; else the host copier."""
     if device.type == "cpu" and pool_dtype == "float32" and dtype == torch.float32:

@@ -105,3 +105,11 @@ def test_every_tool_rejects_an_output_folder_that_does_not_exist_before_any_work
     with pytest.raises(SystemExit):
         main_fn(argv + ["--json", str(tmp_path)])
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_json_path_returns_the_path_it_checked():
+    from pathlib import Path
+
+    from icecache_ray.report import json_path
+
+    assert json_path("~/out.json") == str(Path.home() / "out.json")

@@ -43,7 +43,7 @@ def test_host_copier_puts_every_page_in_its_slot(pool):
         np.testing.assert_array_equal(kv.values[b, h, rows].numpy(), pool.pages[page, 1])
     assert moved == len(PAGES) * pool.layout.page_bytes
     assert int((kv.kv != 0).sum()) == len(PAGES) * 2 * 16 * 32  # nothing else was touched
-    assert isinstance(make_copier(torch.device("cpu"), pool.layout.page_shape, "bfloat16"), HostPageCopier)
+    assert isinstance(make_copier(torch.device("cpu"), pool.layout.page_shape, "bfloat16", torch.float32), HostPageCopier)
     assert isinstance(make_copier(torch.device("cpu"), pool.layout.page_shape, "float32", torch.bfloat16), HostPageCopier)
 
 
@@ -73,7 +73,7 @@ def test_direct_copier_rejects_bad_ids_before_writing(pool):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cupy_copier_equals_host_reference(pool):
     device = torch.device("cuda")
-    copier = make_copier(device, pool.layout.page_shape)
+    copier = make_copier(device, pool.layout.page_shape, "float32", torch.float32)
     assert isinstance(copier, CupyPageCopier)
     ref, ref_bytes = _copy(HostPageCopier(), pool, device)
     got, got_bytes = _copy(copier, pool, device)

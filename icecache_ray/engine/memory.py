@@ -1,10 +1,11 @@
 """Device-resident KV accounting: what a cache holds on the model's device, and its peak.
 
-Counted per layer: a dense layer's K/V (with any spare room it holds); a sparse layer's sink, window and page slots. During
-prefill a sparse layer also returns the whole prompt's K/V of that layer for dense attention; those
-tensors are transient (dropped when the layer is done) and :class:`KVMeter` adds them to the
-running total only while that layer's update is the latest one, which is exactly the bound the
-design promises: dense layers + one layer's full K/V + every sparse layer's resident set.
+Counted per layer: a dense layer's K/V (with any spare room it holds); a sparse layer's sink,
+window and page slots. During prefill a sparse layer also returns the whole prompt's K/V of that
+layer for dense attention; those tensors are transient (dropped when the layer is done) and
+:class:`KVMeter` adds them to the running total only while that layer's update is the latest
+one, which is exactly the bound the design promises: dense layers + one layer's full K/V + every
+sparse layer's resident set.
 """
 
 from __future__ import annotations

@@ -117,12 +117,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = _parse(argv)
     out = Path(args.json)
+    if args.layer_reuse < 1:
+        raise SystemExit(f"--layer-reuse {args.layer_reuse}: must be a positive integer")
     runs = configs(_list(args.policy, str, "policy"), _list(args.budget, int, "budget"), args.layer_reuse)
     lengths = _list(args.lengths or ("4096,7680" if args.task == "ruler" else "1024,2048,4096"), int, "lengths")
     if min(lengths) <= 0:
         raise SystemExit(f"--lengths {args.lengths!r}: must be positive")
-    if args.layer_reuse < 1:
-        raise SystemExit(f"--layer-reuse {args.layer_reuse}: must be a positive integer")
     if args.task == "ruler":
         ruler_variants = variants(args.variants)
         if args.samples <= 0:
