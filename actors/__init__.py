@@ -1,3 +1,5 @@
-"""Thin Ray actors: each applies ``ray.remote`` at spawn to a plain class that holds the logic
-(:class:`icecache_ray.runtime.worker.StageWorker`, :class:`icecache_ray.runtime.index_service.IndexService`)
-and only decides resources, placement and restart policy."""
+"""Thin Ray shells around engine pieces: the stage worker (:mod:`.worker`, a
+:class:`~icecache_ray.engine.runner.ModelRunner` on its device), the index actor (:mod:`.index`, an
+:class:`~icecache_ray.engine.index_service.IndexService`), their transport (:mod:`.handles`,
+:mod:`.channel`). ``ray.remote`` is applied when the runtime spawns them
+(``icecache_ray.runtime.placement``); algorithms never live here."""

@@ -8,7 +8,7 @@ queries and small metadata travel (page bytes stay in the shared pools). Asynchr
 (build, insert) and anything across nodes still go through Ray.
 
 If the actor dies the pipe reads EOF and the call raises :class:`ChannelBroken`, which the
-worker's recovery treats like an actor failure (``remote_stores.ServiceClient.recover``).
+worker's recovery treats like an actor failure (``engine.stores.ServiceClient.recover``).
 """
 
 from __future__ import annotations
@@ -126,8 +126,10 @@ class ChannelClient:
 
 
 class ChannelHandle:
-    """A :class:`~icecache_ray.runtime.remote_stores.RayHandle` whose synchronous calls take the
-    channel when the actor is on this node (the FIFOs exist here), Ray otherwise."""
+    """A :class:`~icecache_ray.actors.handles.RayHandle` whose synchronous calls take the channel
+    when the actor is on this node (the FIFOs exist here), Ray otherwise."""
+
+    remote = True
 
     def __init__(self, ray_handle, name: str) -> None:
         self.ray_handle, self.name = ray_handle, name

@@ -5,28 +5,25 @@ Importing the package changes nothing in transformers; heavy modules load on fir
 
 from __future__ import annotations
 
-__all__ = ["generate", "generate_batch", "IceCache", "IceCacheConfig", "IndexConfig", "Deployment", "DeploymentConfig", "RequestFailed"]
+__all__ = ["generate", "generate_batch", "LocalEngine", "IceCacheConfig", "IndexConfig", "EngineConfig", "Deployment",
+           "DeploymentConfig", "RequestFailed"]
+
+_WHERE = {
+    "generate": "icecache_ray.engine.generate",
+    "generate_batch": "icecache_ray.engine.generate",
+    "LocalEngine": "icecache_ray.engine.local",
+    "IceCacheConfig": "icecache_ray.config",
+    "IndexConfig": "icecache_ray.config",
+    "EngineConfig": "icecache_ray.serving_config",
+    "DeploymentConfig": "icecache_ray.serving_config",
+    "Deployment": "icecache_ray.runtime.deployment",
+    "RequestFailed": "icecache_ray.runtime.deployment",
+}
 
 
 def __getattr__(name: str):
-    if name in ("generate", "generate_batch"):
-        from icecache_ray.engine import generate
+    if name in _WHERE:
+        import importlib
 
-        return getattr(generate, name)
-    if name == "IceCache":
-        from icecache_ray.engine.cache import IceCache
-
-        return IceCache
-    if name in ("IceCacheConfig", "IndexConfig"):
-        from icecache_ray import config
-
-        return getattr(config, name)
-    if name in ("Deployment", "RequestFailed"):
-        from icecache_ray.runtime import deployment
-
-        return getattr(deployment, name)
-    if name == "DeploymentConfig":
-        from icecache_ray.runtime.admission import DeploymentConfig
-
-        return DeploymentConfig
+        return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'icecache_ray' has no attribute {name!r}")

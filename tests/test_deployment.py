@@ -1,4 +1,4 @@
-"""Pipeline stages in one process, deployment settings and admission control (no Ray)."""
+"""Pipeline stages in one process (runners chained in one engine), deployment settings (no Ray)."""
 
 import copy
 
@@ -7,10 +7,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from icecache_ray.config import IceCacheConfig
-from icecache_ray.engine.cache import IceCache
+from icecache_ray.engine.engine import Engine, LocalStage
 from icecache_ray.engine.generate import generate_batch
-from icecache_ray.runtime.admission import DeploymentConfig, PoolBudget, group_pages
-from icecache_ray.runtime.stage import GreedyBatch, StageModel, stage_ranges
+from icecache_ray.engine.index_service import IndexService
+from icecache_ray.engine.runner import ModelRunner, keep_only_layers
+from icecache_ray.engine.scheduler import Scheduler
+from icecache_ray.engine.sequence import Sequence
+from icecache_ray.engine.stores import InProcessTransport, ServiceClient
+from icecache_ray.runtime.placement import stage_ranges
+from icecache_ray.serving_config import DeploymentConfig, EngineConfig
 
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=2048)
@@ -24,23 +29,30 @@ def _model(kind="llama"):
 
 
 def _pipeline_tokens(model, prompts, cfg, stages, max_new, eos):
-    """Greedy tokens through ``stages`` StageModels (each on its own copy of the model)."""
+    """Greedy tokens of one engine whose stages are runners over layer ranges of model copies,
+    each with its own in-process index service (what a Ray replica does, without Ray)."""
     ranges = stage_ranges(model.config.num_hidden_layers, stages, cfg.n_full_layers, cfg.layer_reuse)
-    parts = [StageModel(copy.deepcopy(model), r) for r in ranges]
-    caches = [IceCache(p.model, cfg, layer_range=r) for p, r in zip(parts, ranges)]
-    batch = GreedyBatch(prompts, max_new, eos, eos if eos is not None else 0)
+    parts, runners = [], []
     try:
-        x, mask, pos = batch.prefill_inputs()
-        while True:
-            for part, cache in zip(parts, caches):
-                x = part.forward(cache, x, mask, pos)
-            batch.advance(x.argmax(-1))
-            if batch.done:
-                return batch.results()
-            x, mask, pos = batch.step_inputs()
+        for r in ranges:
+            part = copy.deepcopy(model)
+            keep_only_layers(part, r)
+            service = IndexService(cfg, part.config.head_dim or 16, 4096)
+            transport = InProcessTransport(service)
+            client = ServiceClient(transport)
+            parts.append((service, transport, client))
+            runners.append(ModelRunner(part, cfg, r, 3, 1024, [client]))
+        engine = Engine([LocalStage(r) for r in runners], Scheduler(3, 128, 1024))
+        seqs = [engine.add(Sequence(p, max_new, eos)) for p in prompts]
+        engine.run()
+        return [s.output for s in seqs]
     finally:
-        for c in caches:
-            c.close()
+        for runner in runners:
+            runner.close()
+        for service, transport, client in parts:
+            client.close()
+            transport.close()
+            service.close()
 
 
 @pytest.mark.parametrize("kind,stages,reuse", [("llama", 2, 1), ("llama", 3, 2), ("qwen3", 2, 1)])
@@ -63,37 +75,31 @@ def test_stage_ranges_cover_the_model_and_keep_reuse_runs_whole():
 
 
 def test_a_stage_starting_inside_a_reuse_run_is_rejected():
-    with pytest.raises(ValueError, match="layer_range"):
-        IceCache(_model(), IceCacheConfig(n_full_layers=1, layer_reuse=2), layer_range=range(2, 6))
+    with pytest.raises(ValueError, match="layer_range|layers=range"):
+        ModelRunner(_model(), IceCacheConfig(n_full_layers=1, layer_reuse=2), range(2, 6), 1, 64, [object()])
 
 
-def test_stage_model_rejects_a_bad_layer_range():
+def test_runner_rejects_a_bad_layer_range():
     with pytest.raises(ValueError, match="layers=range"):
-        StageModel(_model(), range(4, 9))
+        ModelRunner(_model(), IceCacheConfig(policy="full"), range(4, 9), 1, 64)
 
 
 @pytest.mark.parametrize("field,value", [("replicas", 0), ("stages", -1), ("index_actors_per_stage", -2),
                                          ("worker_num_gpus", -1.0), ("worker_resources", {"x": 0}),
-                                         ("call_timeout_s", 0), ("threads", 1.5), ("max_batch", 0)])
+                                         ("call_timeout_s", 0), ("threads", 1.5), ("engine", {"max_running": 2})])
 def test_deployment_config_names_the_bad_field(field, value):
     with pytest.raises(ValueError, match=f"DeploymentConfig.{field}="):
         DeploymentConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field,value", [("max_running", 0), ("max_step_tokens", -1), ("max_seq_len", 1.5),
+                                         ("pool_pages", 0), ("select_threads", 0), ("memory_fraction", 1.5)])
+def test_engine_config_names_the_bad_field(field, value):
+    with pytest.raises(ValueError, match=f"EngineConfig.{field}="):
+        EngineConfig(**{field: value})
 
 
 def test_stage_bundle_holds_the_worker_and_its_index_actors():
     dep = DeploymentConfig(worker_num_cpus=1, index_actors_per_stage=2, index_num_cpus=0.5, worker_num_gpus=1,
                            worker_resources={"icecache_worker": 1})
     assert dep.stage_bundle() == {"CPU": 2.0, "GPU": 1.0, "icecache_worker": 1.0}
-
-
-def test_pool_budget_admits_waits_and_frees():
-    need = group_pages([1000, 500], 100, sparse_layers=4, kv_heads=3, page_size=16)
-    assert need == -(-((69 + 38) * 3 * 4 * 1.25) // 1)
-    budget = PoolBudget({(0, 0, 0): 1000})
-    first = {(0, 0, 0): 600}
-    assert budget.fits(first)
-    budget.reserve("a", first)
-    assert not budget.fits(first) and budget.fits(first, empty=True)
-    assert not budget.fits({(0, 0, 0): 1001}, empty=True)
-    budget.release("a")
-    assert budget.fits(first)

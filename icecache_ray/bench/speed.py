@@ -8,9 +8,10 @@ configurations are interleaved (one step of each in turn, after every prefill) s
 machine's slow phases hit all of them alike and the ratios compare like with like; an IceCache's
 background index work is drained inside its own timed step. Reported per
 configuration: median / mean time per decoded token (the first ``--warmup`` steps excluded), the
-breakdown select / load / attend / rest from :class:`StepStats`, pages and bytes moved, hit rate,
-the peak device-resident KV bytes during prefill and during decode (see
-:func:`icecache_ray.engine.memory.device_kv_bytes`), host pool bytes and index bytes per token.
+breakdown select / load / attend / rest from the sequence's counters, pages and bytes moved, hit
+rate, the device-resident KV bytes of the row (dense layers at the row's capacity, sparse layers'
+sink + slots + ring), the prefill staging (the prompt's K/V of the sparse layers, held until the
+last prefill chunk), host pool bytes and index bytes per token.
 A short-context reference (``--short``) measures the full cache's per-token time at a few tokens
 of context, the floor no cache can beat.
 """
@@ -31,11 +32,11 @@ from icecache_ray.report import json_path, positive_ints, short_gomp_spin
 _SPIN_IN_EFFECT = short_gomp_spin()
 
 import torch  # noqa: E402
-from transformers import DynamicCache
 
 from icecache_ray.config import IceCacheConfig
-from icecache_ray.engine.cache import IceCache
-from icecache_ray.engine.memory import KVMeter
+from icecache_ray.engine.local import LocalEngine
+from icecache_ray.engine.sequence import Sequence
+from icecache_ray.serving_config import EngineConfig
 from icecache_ray.haystack import essay_prompt_ids
 from icecache_ray.model import load_model
 
@@ -95,68 +96,66 @@ def _model_and_prompt(args):
 
 
 class _Run:
-    """One configuration's cache on one prompt, decoded one greedy token per :meth:`step`."""
+    """One configuration on one prompt in a local engine of one row, decoded one greedy token per
+    :meth:`step`."""
 
-    def __init__(self, model, ids: torch.Tensor, name: str, cache) -> None:
-        self.model, self.ids, self.name, self.cache = model, ids, name, cache
+    def __init__(self, model, ids: torch.Tensor, name: str, cfg: IceCacheConfig, n_steps: int) -> None:
+        self.ids, self.name = ids[0].tolist(), name
+        self.engine = LocalEngine(model, cfg, EngineConfig(max_running=1, max_seq_len=len(self.ids) + n_steps + 1))
+        self.seq = self.engine.add(Sequence(self.ids, n_steps + 1))
         self.times: list[float] = []
-        self.tokens: list[int] = []
-        self.prefill_peak = 0
-        self._token: torch.Tensor | None = None
+        self.prefill_s = 0.0
 
     def prefill(self) -> None:
-        """Prefill ``ids`` [1, T], tracking the peak device KV bytes."""
-        meter = KVMeter(self.cache)
-        with torch.inference_mode(), meter.tracking():
-            logits = self.model(self.ids, cache=self.cache, use_cache=True).logits[:, -1]
-        self.prefill_peak = meter.peak
-        self._token = logits.argmax(-1, keepdim=True)
-        self.tokens.append(int(self._token))
+        t0 = time.perf_counter()
+        while not self.seq.output:
+            self.engine.step()
+        self.prefill_s = time.perf_counter() - t0
 
     def step(self) -> None:
-        """One decode step, timed until the token is on the host. An IceCache's background index
-        work is drained inside the timed region, so none of it spills into another run's step."""
+        """One decode step, timed until the token is on the host. Background index work is drained
+        inside the timed region, so none of it spills into another run's step."""
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            logits = self.model(self._token, cache=self.cache, use_cache=True).logits[:, -1]
-        self._token = logits.argmax(-1, keepdim=True)
-        self.tokens.append(int(self._token))  # .item() synchronises the device: the step is really done
-        if isinstance(self.cache, IceCache):
-            self.cache.drain()
+        self.engine.step()
+        self.engine.drain()
         self.times.append(time.perf_counter() - t0)
 
     def row(self, warmup: int) -> dict:
         kept = self.times[warmup:]
+        runner = self.engine.runner
+        sparse = runner.sparse
         row = {
             "config": self.name,
-            "context": int(self.ids.shape[1]),
+            "context": len(self.ids),
             "ms_per_token_median": 1e3 * statistics.median(kept),
             "ms_per_token_mean": 1e3 * statistics.fmean(kept),
             "steps": len(kept),
-            "peak_device_kv_bytes_prefill": self.prefill_peak,
-            "device_kv_bytes_decode": KVMeter(self.cache).current(),
-            "device_kv_bytes_decode_sparse_layers": KVMeter(self.cache).current(sparse_only=True),
-            "tokens": self.tokens,
+            "prefill_s": self.prefill_s,
+            "device_kv_bytes": runner.device_bytes(),
+            "device_kv_bytes_sparse_layers": sum(layer.device_bytes() for layer in sparse),
+            # a prompt's K/V of the sparse layers, held until its last prefill chunk
+            "prefill_staging_bytes": sum(layer.token_bytes for layer in sparse) * len(self.ids),
+            "tokens": list(self.seq.output),
         }
-        if isinstance(self.cache, IceCache) and self.cache.stats is not None:
-            row.update(_breakdown(self.cache, len(kept), row["ms_per_token_mean"]))
+        if sparse:
+            row.update(_breakdown(self.seq, row["ms_per_token_mean"], self.engine))
         return row
 
     def close(self) -> None:
-        if isinstance(self.cache, IceCache):
-            self.cache.close()
+        self.engine.close()
 
 
-def _breakdown(cache: IceCache, n_kept: int, mean_ms: float) -> dict:
-    """select / load / attend / rest ms per token, pages and bytes moved, hit rate, host memory."""
-    steps = cache.stats.steps[-n_kept:]
-    n = max(1, len(steps))
-    out = {field: sum(getattr(s, field) for s in steps) / n for field in ("select_ms", "load_ms", "attend_ms")}
+def _breakdown(seq: Sequence, mean_ms: float, engine) -> dict:
+    """select / load / attend / rest ms per token, pages and bytes moved, hit rate, host memory
+    (the sequence's counters over all its decode steps, warm-up included)."""
+    st = seq.stats
+    n = max(1, st.decode_steps)
+    out = {"select_ms": st.select_ms / n, "load_ms": st.load_ms / n, "attend_ms": st.attend_ms / n}
     out["rest_ms"] = mean_ms - out["select_ms"] - out["load_ms"] - out["attend_ms"]
-    out["pages_loaded_per_step"] = sum(s.pages_loaded for s in steps) / n
-    out["bytes_loaded_per_step"] = sum(s.bytes_loaded for s in steps) / n
-    out["hit_rate"] = sum(s.pages_hit for s in steps) / max(1, sum(s.pages_selected for s in steps))
-    out.update(cache.host_memory())
+    out["pages_loaded_per_step"] = st.pages_loaded / n
+    out["bytes_loaded_per_step"] = st.bytes_loaded / n
+    out["hit_rate"] = st.pages_hit / max(1, st.pages_selected)
+    out.update(engine.host_memory())
     return out
 
 
@@ -170,9 +169,11 @@ def _configs(args) -> list[tuple[str, IceCacheConfig | None]]:
 
 
 def _runs(model, ids, args) -> list[_Run]:
-    runs = [_Run(model, ids, name, DynamicCache() if cfg is None else IceCache(model, cfg)) for name, cfg in _configs(args)]
+    n = args.steps + args.warmup
+    full = IceCacheConfig(policy="full")
+    runs = [_Run(model, ids, name, cfg or full, n) for name, cfg in _configs(args)]
     if args.short:
-        runs.append(_Run(model, ids[:, : args.short], f"full@{args.short}", DynamicCache()))
+        runs.append(_Run(model, ids[:, : args.short], f"full@{args.short}", full, n))
     return runs
 
 

@@ -1,21 +1,27 @@
-"""``icecache_ray.generate``: greedy generation with the IceCache on a stock transformers model."""
+"""``icecache_ray.generate`` / ``generate_batch``: greedy generation on the local engine.
+
+Prompts are validated first (every problem names the prompt), then queued on a
+:class:`~icecache_ray.engine.local.LocalEngine`: sequences of any lengths decode together in one
+forward pass per step (continuous batching, no padding), each in its own row, so a sequence's
+tokens do not depend on what runs beside it.
+"""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from icecache_ray.config import IceCacheConfig
-from icecache_ray.engine.cache import IceCache
+from icecache_ray.engine.sequence import Sequence
+from icecache_ray.serving_config import EngineConfig
 
 
 @dataclass
 class GenerationResult:
-    """token_ids: generated ids (prompt excluded); text: decoded when a tokenizer was given;
-    prompt_tokens: length after any truncation; truncated: middle-truncated?; stats: per-request
-    StepStats summary plus wall times."""
+    """token_ids: generated ids (prompt excluded, EOS kept); text: decoded when a tokenizer was
+    given; prompt_tokens: length after any truncation; truncated: middle-truncated?; stats: the
+    sequence's counters (``SeqStats.summary``)."""
 
     token_ids: list[int]
     text: str | None
@@ -32,21 +38,22 @@ def middle_truncate(ids: list[int], limit: int) -> list[int]:
     return ids[:head] + ids[len(ids) - (limit - head) :]
 
 
-def prepare_prompts(model, prompts, max_new_tokens: int, truncate: bool) -> list[tuple[list[int], bool]]:
+def prepare_prompts(model_config, prompts, max_new_tokens: int, truncate: bool) -> list[tuple[list[int], bool]]:
     """Validate a non-empty list of prompts (see :func:`prepare_prompt`); errors name the prompt."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts: expected a non-empty list of token-id lists")
     prepared = []
     for i, p in enumerate(prompts):
         try:
-            prepared.append(prepare_prompt(model, p, max_new_tokens, truncate))
+            prepared.append(prepare_prompt(model_config, p, max_new_tokens, truncate))
         except ValueError as exc:
             raise ValueError(f"prompt {i}: {exc}") from None
     return prepared
 
 
-def prepare_prompt(model, prompt_ids, max_new_tokens: int, truncate: bool) -> tuple[list[int], bool]:
-    """Validate one prompt before any work: non-empty, fits the context (or opt-in truncation)."""
+def prepare_prompt(model_config, prompt_ids, max_new_tokens: int, truncate: bool) -> tuple[list[int], bool]:
+    """Validate one prompt before any work: non-empty token ids inside the vocabulary, fitting the
+    context with ``max_new_tokens`` (or opt-in middle truncation). Returns (ids, truncated)."""
     ids = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
     if ids and isinstance(ids[0], list):
         if len(ids) != 1:
@@ -54,130 +61,103 @@ def prepare_prompt(model, prompt_ids, max_new_tokens: int, truncate: bool) -> tu
         ids = ids[0]
     if not ids:
         raise ValueError("prompt_ids: the prompt is empty")
+    vocab = model_config.vocab_size
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+            raise ValueError(f"token {i} is {t!r}: token ids must be integers in [0, {vocab}) (the model's vocabulary)")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
-    context = model.config.max_position_embeddings
+    context = model_config.max_position_embeddings
     limit = context - max_new_tokens
     if limit <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room in the model's {context}-token context")
     if len(ids) > limit:
         if not truncate:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-                f"{context}-token context; pass truncate=True for middle truncation"
-            )
+            raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                             f"{context}-token context; pass truncate=True for middle truncation")
         return middle_truncate(ids, limit), True
     return ids, False
 
 
-def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids [B, T], attention_mask [B, T]) with every prompt right-aligned."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
-    return ids, mask
+def result_of(seq: Sequence, tokenizer=None) -> GenerationResult:
+    text = tokenizer.decode(seq.output, skip_special_tokens=True) if tokenizer is not None else None
+    stats = dict(seq.stats.summary(), generated_tokens=len(seq.output))
+    return GenerationResult(token_ids=list(seq.output), text=text, prompt_tokens=seq.prompt_len, truncated=seq.truncated, stats=stats)
 
 
-def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
-    return tokens[: tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens
+def _eos(tokenizer, eos_token_id: int | None) -> int | None:
+    return eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
 
 
-def generate(
-    model,
-    prompt_ids,
-    config: IceCacheConfig | None = None,
-    max_new_tokens: int = 64,
-    tokenizer=None,
-    eos_token_id: int | None = None,
-    truncate: bool = False,
-) -> GenerationResult:
-    """Greedy generation of ``max_new_tokens`` after ``prompt_ids`` ([T] or [1, T]) with the
-    configured policy and budget. The model's attention implementation is restored afterwards."""
-    return generate_batch(model, [prompt_ids], config, max_new_tokens, tokenizer, eos_token_id, truncate)[0]
+def generate(model, prompt_ids, config: IceCacheConfig | None = None, max_new_tokens: int = 64, tokenizer=None,
+             eos_token_id: int | None = None, truncate: bool = False, engine: EngineConfig | None = None) -> GenerationResult:
+    """Greedy generation of up to ``max_new_tokens`` after ``prompt_ids`` ([T] or [1, T]) with the
+    configured policy and budget; stops after EOS."""
+    return generate_batch(model, [prompt_ids], config, max_new_tokens, tokenizer, eos_token_id, truncate, engine)[0]
 
 
-def generate_batch(
-    model,
-    prompts: list,
-    config: IceCacheConfig | None = None,
-    max_new_tokens: int = 64,
-    tokenizer=None,
-    eos_token_id: int | None = None,
-    truncate: bool = False,
-) -> list[GenerationResult]:
-    """Greedy generation for several prompts of any lengths in one batch (left padding; each
-    sequence has its own sink, window, stores and slots, so results equal one-by-one runs).
-    Every prompt is validated before any work. ``stats`` are the batch's (shared by its results)."""
-    prepared = prepare_prompts(model, prompts, max_new_tokens, truncate)
-    config = config or IceCacheConfig()
-    eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
-    pad = eos if eos is not None else 0
-    input_ids, mask = left_padded([ids for ids, _ in prepared], pad)
-    previous = model.config._attn_implementation
-    cache = IceCache(model, config)
-    t0 = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids.to(model.device), attention_mask=mask.to(model.device), cache=cache,
-                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
-            )
-        wall = time.perf_counter() - t0
-        stats = cache.stats.summary() if cache.stats is not None else {}
-    finally:
-        cache.close()
-        model.set_attn_implementation(previous)
-    results = []
-    for b, (ids, truncated) in enumerate(prepared):
-        new = _until_eos(out[b, input_ids.shape[1] :].tolist(), eos)
-        text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
-        row_stats = dict(stats, wall_s=wall, generated_tokens=len(new), batch_size=len(prepared))
-        results.append(GenerationResult(token_ids=new, text=text, prompt_tokens=len(ids), truncated=truncated, stats=row_stats))
-    return results
+def generate_batch(model, prompts: list, config: IceCacheConfig | None = None, max_new_tokens: int = 64, tokenizer=None,
+                   eos_token_id: int | None = None, truncate: bool = False, engine: EngineConfig | None = None) -> list[GenerationResult]:
+    """Greedy generation for several prompts of any lengths, batched continuously on the local
+    engine (``engine``: its rows and step budget; by default as many rows as prompts, within what
+    memory allows). Every prompt is validated before any work; results come in prompt order."""
+    from icecache_ray.engine.local import LocalEngine
+
+    prepared = prepare_prompts(model.config, prompts, max_new_tokens, truncate)
+    engine = engine or EngineConfig()
+    if engine.max_running is None:
+        rows = min(len(prepared), LocalEngine.auto_rows(model, config or IceCacheConfig(), engine))
+        engine = EngineConfig(**{**engine.to_dict(), "max_running": rows, "max_step_tokens": max(engine.max_step_tokens, rows + 1)})
+    eos = _eos(tokenizer, eos_token_id)
+    with LocalEngine(model, config, engine) as runner:
+        seqs = [runner.add(Sequence(ids, max_new_tokens, eos, truncated)) for ids, truncated in prepared]
+        runner.run()
+    for seq in seqs:
+        if seq.error:
+            raise RuntimeError(f"generation failed: {seq.error}")
+    return [result_of(seq, tokenizer) for seq in seqs]
 
 
 class SharedPrefill:
-    """One dense prefill of a prompt [T], reused by several configurations (every policy's prefill
-    is dense attention over the same prompt, so the K/V and the first logits are the same)."""
+    """One dense prefill of a prompt [T], reused by several configurations: every policy's
+    prefill is dense attention over the same prompt, so its K/V and first logits are shared and
+    each configuration costs only its decoding (what the accuracy harness runs)."""
 
     def __init__(self, model, prompt_ids: list[int]) -> None:
         from transformers import DynamicCache
 
-        self.model = model
-        self.prompt_tokens = len(prompt_ids)
-        cache = DynamicCache()
+        self.model, self.prompt = model, list(prompt_ids)
+        prepare_prompt(model.config, self.prompt, 1, truncate=False)
+        cache = DynamicCache(config=model.config)
         with torch.inference_mode():
-            self.logits = model(torch.tensor([prompt_ids], device=model.device), cache=cache, use_cache=True).logits[:, -1]
-        self.keys = [layer.keys for layer in cache.layers]
-        self.values = [layer.values for layer in cache.layers]
+            self.logits = model(torch.tensor([self.prompt], device=model.device), cache=cache, use_cache=True).logits[0, -1]
+        self.keys = [layer.keys[0] for layer in cache.layers]  # per layer [H, T, d], post-RoPE
+        self.values = [layer.values[0] for layer in cache.layers]
+
+    def _run(self, config: IceCacheConfig, seq: Sequence, on_step=None) -> Sequence:
+        from icecache_ray.engine.local import LocalEngine
+
+        cfg = EngineConfig(max_running=1, max_seq_len=seq.max_length)
+        with LocalEngine(self.model, config, cfg) as engine:
+            engine.want_logits = on_step is not None
+            first = seq.forced[0] if seq.forced is not None else int(self.logits.argmax())
+            engine.add_prefilled(seq, self.keys, self.values, first)
+            while engine.has_work:
+                engine.step()
+                if on_step is not None and engine.last_logits is not None and len(engine.last_logits):
+                    on_step(engine.last_logits[0])
+        return seq
 
     def generate(self, config: IceCacheConfig, max_new_tokens: int, tokenizer=None, eos_token_id: int | None = None) -> GenerationResult:
-        """Greedy decoding from the shared prefill with ``config``: the same tokens as
-        :func:`generate` on the same prompt."""
-        eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
-        previous = self.model.config._attn_implementation
-        cache = IceCache(self.model, config)
-        t0 = time.perf_counter()
-        try:
-            cache.load_prefill(self.keys, self.values)
-            new = _greedy(self.model, cache, self.logits, max_new_tokens, eos)
-            stats = cache.stats.summary() if cache.stats is not None else {}
-        finally:
-            cache.close()
-            self.model.set_attn_implementation(previous)
-        stats.update({"wall_s": time.perf_counter() - t0, "generated_tokens": len(new)})
-        text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
-        return GenerationResult(token_ids=new, text=text, prompt_tokens=self.prompt_tokens, truncated=False, stats=stats)
+        """Greedy decoding from the shared prefill with ``config``: the tokens :func:`generate`
+        gives on the same prompt."""
+        seq = self._run(config, Sequence(self.prompt, max_new_tokens, _eos(tokenizer, eos_token_id)))
+        return result_of(seq, tokenizer)
 
-
-def _greedy(model, cache, logits: torch.Tensor, max_new_tokens: int, eos: int | None) -> list[int]:
-    """Greedy tokens from the last prompt logits [1, V], one model call per token."""
-    out: list[int] = []
-    with torch.inference_mode():
-        for step in range(max_new_tokens):
-            token = int(logits.argmax(-1))
-            out.append(token)
-            if token == eos or step == max_new_tokens - 1:
-                break
-            logits = model(torch.tensor([[token]], device=model.device), cache=cache, use_cache=True).logits[:, -1]
-    return out
+    def nll(self, config: IceCacheConfig, target: list[int]) -> list[float]:
+        """Teacher-forced negative log-likelihood of each token of ``target`` after the prompt."""
+        seq = Sequence(self.prompt, len(target))
+        seq.forced = list(target)
+        scores = [-float(torch.log_softmax(self.logits.float(), -1)[target[0]])]
+        self._run(config, seq, lambda logits: scores.append(-float(torch.log_softmax(logits.float(), -1)[target[len(scores)]])))
+        return scores

@@ -1,6 +1,6 @@
-"""The device-resident K/V of one sparse layer: one static buffer per layer, three regions.
+"""The device-resident K/V of one sparse layer: one static buffer for every row, three regions.
 
-``kv``: [2, B, H, L, d] (K at 0, V at 1) with L = sink | retrieved slots (R pages of P rows) |
+``kv``: [2, R, H, L, d] (K at 0, V at 1; R rows, one per running sequence) with L = sink | retrieved slots (R pages of P rows) |
 window ring. Nothing is concatenated or reallocated during decode: every write (new tokens, pages
 copied into slots) is one ``index_copy_`` of K and V together into the flat row view, and a
 boolean mask says which rows each query attends (keys are post-RoPE, so row order is irrelevant
@@ -18,13 +18,13 @@ from icecache_ray.kernels.bulk_copy import make_copier
 
 
 class ResidentKV:
-    """Static device K/V of one layer for a batch (see module docstring)."""
+    """Static device K/V of one layer for all rows (see module docstring)."""
 
-    def __init__(self, batch: int, heads: int, sink: int, slot_rows: int, ring: int, head_dim: int, dtype, device) -> None:
+    def __init__(self, n_rows: int, heads: int, sink: int, slot_rows: int, ring: int, head_dim: int, dtype, device) -> None:
         self.sink, self.slot_rows, self.ring = sink, slot_rows, ring
-        self.batch, self.heads, self.length = batch, heads, sink + slot_rows + ring
-        self.kv = torch.zeros((2, batch, heads, self.length, head_dim), dtype=dtype, device=device)
-        self.flat = self.kv.view(-1, head_dim)  # row ((t * B + b) * H + h) * L + l
+        self.batch, self.heads, self.length = n_rows, heads, sink + slot_rows + ring
+        self.kv = torch.zeros((2, n_rows, heads, self.length, head_dim), dtype=dtype, device=device)
+        self.flat = self.kv.view(-1, head_dim)  # row ((t * R + r) * H + h) * L + l
         self._copier = None  # made on first load (needs the pool's page shape)
 
     @property
@@ -46,7 +46,7 @@ class ResidentKV:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
-    def rows(self, b: np.ndarray, h: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    def flat_rows(self, b: np.ndarray, h: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Flat rows [2, ...] (K rows then V rows) of buffer positions ``pos`` of (b, h); the
         three arrays broadcast together."""
         base = (b * self.heads + h) * self.length + pos
@@ -65,7 +65,7 @@ class ResidentKV:
     def page_rows(self, b: np.ndarray, h: np.ndarray, slots: np.ndarray, page_size: int) -> torch.Tensor:
         """Flat rows of whole slots in the order of a pool gather [m, 2, P]: int64 [m * 2 * P]."""
         pos = self.slot_start + slots[:, None] * page_size + np.arange(page_size)[None, :]  # [m, P]
-        rows = self.rows(b[:, None], h[:, None], pos)  # [2, m, P]
+        rows = self.flat_rows(b[:, None], h[:, None], pos)  # [2, m, P]
         return torch.from_numpy(rows.transpose(1, 0, 2).reshape(-1)).to(self.kv.device)
 
     def load(self, pool, pages: np.ndarray, rows: torch.Tensor) -> int:
@@ -76,18 +76,20 @@ class ResidentKV:
             self._copier = make_copier(self.kv.device, pool.layout.page_shape, pool.layout.dtype, self.kv.dtype)
         return self._copier.copy(pool, pages, rows, self.flat)
 
-    def attend(self, query: torch.Tensor, mask: np.ndarray, scaling: float) -> torch.Tensor:
-        """query: [B, Hq, n, d]; mask: [B, H, n, L] bool (True = attend). Returns [B, n, Hq, d].
+    def attend(self, query: torch.Tensor, mask: np.ndarray, rows: np.ndarray, scaling: float) -> torch.Tensor:
+        """Decode attention of one query per row. query: [n, Hq, d]; mask: [n, H, L] bool (True =
+        attend); rows: [n] buffer rows. Returns [n, Hq, d].
 
-        The query heads of a KV head are folded into the query axis ([B, H, g * n, d]), so the
-        K/V are never repeated per query head."""
-        b, hq, n, d = query.shape
-        g = hq // self.heads
-        q = query.reshape(b, self.heads, g * n, d)
-        if n > 1:  # rows of the folded axis are (group member, position): repeat the mask per member
-            mask = np.tile(mask, (1, 1, g, 1))
-        m = torch.from_numpy(mask).to(query.device)
-        out = F.scaled_dot_product_attention(q, self.kv[0], self.kv[1], attn_mask=m, scale=scaling)
-        if n == 1:
-            return out.view(b, 1, hq, d)
-        return out.view(b, hq, n, d).transpose(1, 2)
+        The query heads of a KV head are folded into the query axis ([n, H, g, d]), so the K/V are
+        never repeated per query head; consecutive rows are read in place (no gather)."""
+        n, hq, d = query.shape
+        q = query.reshape(n, self.heads, hq // self.heads, d)
+        first = int(rows[0]) if n else 0
+        if n and np.array_equal(rows, np.arange(first, first + n)):
+            k, v = self.kv[0, first : first + n], self.kv[1, first : first + n]
+        else:
+            index = torch.from_numpy(np.ascontiguousarray(rows)).to(self.kv.device)
+            k, v = self.kv[0].index_select(0, index), self.kv[1].index_select(0, index)
+        m = torch.from_numpy(mask[:, :, None, :]).to(query.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling)
+        return out.reshape(n, hq, d)

@@ -1,4 +1,4 @@
-"""Which host page sits in which device slot, per (sequence, KV head) of one layer (NumPy only).
+"""Which host page sits in which device slot, per (row, KV head) of one layer (NumPy only).
 
 The selection of a step is diffed against what the slots already hold: pages still wanted keep
 their slot, missing (or dirty) pages are assigned the freed slots, and only those are copied. Slot
@@ -13,7 +13,7 @@ from icecache_ray.kernels import mdci as K
 
 
 class SlotTable:
-    """``slot_page[b, h, s]``: pool page held by slot s (-1 = none); ``slot_count``: its valid rows."""
+    """``slot_page[row, h, s]``: pool page held by slot s (-1 = none); ``slot_count``: its valid rows."""
 
     def __init__(self, batch: int, heads: int, n_slots: int, page_size: int) -> None:
         self.slot_page = np.full((batch, heads, n_slots), -1, np.int64)
@@ -54,24 +54,30 @@ class SlotTable:
             count[slot_of[page]] = n
         return pool_pages[missing], free
 
-    def plan_batch(self, picks) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`invalidate` + :meth:`plan` of every (b, h) of a :class:`~icecache_ray.ragged.PagePicks`
-        (item i = (i // H, i % H)) in one numba call. Returns (pages to copy [m], their
-        sequences [m], KV heads [m], slots [m])."""
-        batch, heads, n_slots = self.slot_page.shape
-        if picks.reload_all:
+    def reset_row(self, row: int) -> None:
+        """A new sequence takes ``row``: nothing of the previous one stays resident."""
+        self.slot_page[row] = -1
+        self.slot_count[row] = 0
+
+    def plan_rows(self, rows: np.ndarray, picks) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`invalidate` + :meth:`plan` of every (row, head) of a
+        :class:`~icecache_ray.ragged.PagePicks` over ``rows`` [n] (item i = (rows[i // H], i % H)) in
+        one numba call. Returns (pages to copy [m], their rows [m], KV heads [m], slots [m])."""
+        _, heads, n_slots = self.slot_page.shape
+        if picks.reload_all:  # the pool was rebuilt: every row's slots are stale
             self.slot_page[:] = -1
             self.slot_count[:] = 0
-        missing, slots, items = K.plan_slots_batch(
-            self.slot_page.reshape(-1, n_slots), self.slot_count.reshape(-1, n_slots), picks.pages, picks.page_bounds,
-            picks.counts, picks.dirty, picks.dirty_bounds,
-        )
-        return missing, items // heads, items % heads, slots
+        held, count = self.slot_page[rows].reshape(-1, n_slots), self.slot_count[rows].reshape(-1, n_slots)
+        missing, slots, items = K.plan_slots_batch(held, count, picks.pages, picks.page_bounds, picks.counts, picks.dirty,
+                                                   picks.dirty_bounds)
+        self.slot_page[rows] = held.reshape(len(rows), heads, n_slots)
+        self.slot_count[rows] = count.reshape(len(rows), heads, n_slots)
+        return missing, rows[items // heads], items % heads, slots
 
-    def valid_rows(self) -> np.ndarray:
-        """[B, H, n_slots * page_size] bool: :meth:`token_valid` of every (b, h)."""
-        batch, heads, _ = self.slot_page.shape
-        return (np.arange(self.page_size) < self.slot_count[..., None]).reshape(batch, heads, -1)
+    def valid_rows(self, rows: np.ndarray) -> np.ndarray:
+        """[n, H, n_slots * page_size] bool: :meth:`token_valid` of every head of ``rows``."""
+        count = self.slot_count[rows]
+        return (np.arange(self.page_size) < count[..., None]).reshape(len(rows), count.shape[1], -1)
 
     def token_valid(self, b: int, h: int) -> np.ndarray:
         """[n_slots * page_size] bool: which rows of the slot region hold valid tokens."""

@@ -1,105 +1,252 @@
-"""The host side of one sparse layer: one policy store per (sequence, KV head), and the only place
-that talks to them.
+"""The worker side of the host stores: one client per index service, one view per sparse layer.
 
-:class:`LocalStores` keeps the stores in this process and does building and insertion on the
-runtime's background thread (one FIFO thread, so a query never races an insert). A distributed
-backend implements the same methods with one request per index owner per call (the Ray runtime's
-index actors), which is why every method covers the whole batch and all heads of the layer.
+There is one implementation for both modes; only the *transport* (the handle a
+:class:`ServiceClient` is given) differs:
+
+* :class:`InProcessTransport`: the :class:`~icecache_ray.engine.index_service.IndexService` lives
+  in this process; builds and inserts run on its one background thread (FIFO, so they overlap the
+  model's compute), selections run on the caller's thread; K/V rows are handed over as arrays.
+* a Ray handle (``icecache_ray.actors``): the service is an index actor on the same node; K/V rows
+  go through this worker's shared-memory *inbox* (page ids in the request), selections over the
+  same-node channel; pages are read in place from the actor's pool either way.
+
+Recovery (Ray): with ``keep_log`` the client keeps the inbox pages of every build and insert of a
+sequence until it is released. If the service dies and is restarted, the next failing call waits
+for the new incarnation, replays every live sequence's log in order (the index is deterministic,
+so the rebuilt stores equal the lost ones) and retries; the layers then reload all their slots once.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+import dataclasses
+import logging
+import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from icecache_ray.engine.runtime import SparseRuntime
-from icecache_ray.ragged import PagePicks
+from icecache_ray.engine.index_service import InboxItem, RowsItem, write_inbox
+from icecache_ray.pool import PagePool
+
+log = logging.getLogger(__name__)
+
+ASYNC_METHODS = frozenset({"build", "insert"})
 
 
-class LocalStores:
-    """Stores of one layer for a batch, in this process (see module docstring)."""
+class _Done:
+    def __init__(self, value) -> None:
+        self.value = value
 
-    def __init__(self, runtime: SparseRuntime) -> None:
-        self.rt = runtime
-        self.stores: list[list] | None = None  # [B][H], set by the background build
-        self.pending: Future | None = None
+    def result(self):
+        return self.value
 
-    @property
-    def pool(self):
-        """Host pool the selected pages are read from."""
-        return self.rt.pool
 
-    # ------------------------------------------------------------------ background work
-    def build(self, middles: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        """Start building from each sequence's middle K/V [H, m_b, d] (in the background)."""
-        self.pending = self.rt.submit(self._build, middles)
+class InProcessTransport:
+    """Calls an in-process service: writes on its background thread, reads on the caller's."""
 
-    def _build(self, middles) -> None:
-        self.stores = [[self.rt.policy.build(k[j], v[j]) for j in range(k.shape[0])] for k, v in middles]
+    failures: tuple = ()
+    remote = False
 
-    def insert(self, leaving: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        """Start appending each sequence's rows [H, m_b, d] (in the background)."""
-        self.pending = self.rt.submit(self._insert, leaving)
+    def __init__(self, service) -> None:
+        self.service = service
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="icecache-index")
 
-    def _insert(self, leaving) -> list[list[np.ndarray]]:
-        return [[self._inserted(s, k[j], v[j]) for j, s in enumerate(row)] for (k, v), row in zip(leaving, self.stores)]
-
-    def _inserted(self, store, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        if not len(k):
-            return np.zeros(0, np.int64)
-        pages = store.insert(k, v)
-        return store.index.table.page_pool[pages] if self.rt.uses_slots else pages
-
-    def wait(self) -> list[list[np.ndarray]] | None:
-        """Finish the background job; returns the pool pages each (b, h) insert changed, if any."""
-        if self.pending is None:
-            return None
-        try:
-            return self.pending.result()
-        finally:
-            self.pending = None
-
-    # ------------------------------------------------------------------ queries
-    def select_pages(self, host_q: np.ndarray, k: int, with_tokens: bool) -> tuple[PagePicks, list | None]:
-        """icecache: top-k pages of every (b, h) for queries [B, H, g * n, d].
-
-        Returns (the picks of the B * H items, tokens [B][H] or None); here changed pages come
-        from :meth:`wait` instead, so the picks carry none."""
-        pages, counts, tokens = [], [], [] if with_tokens else None
-        for b, row in enumerate(self.stores):
-            chosen = []
-            for h, store in enumerate(row):
-                index_pages, pool_pages, valid = store.select_pages(host_q[b, h], k)
-                pages.append(pool_pages)
-                counts.append(valid)
-                if with_tokens:
-                    chosen.append(store.tokens_of(index_pages))
-            if with_tokens:
-                tokens.append(chosen)
-        return PagePicks.from_items(pages, counts), tokens
-
-    def select_tokens(self, host_q: np.ndarray, k: int) -> list[list[np.ndarray]]:
-        """Policies without an index: middle-token ids [B][H] of the chosen pages."""
-        return [[self.rt.policy.select(s, host_q[b, h], k).tokens for h, s in enumerate(row)] for b, row in enumerate(self.stores)]
-
-    def rows(self, b: int, h: int, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """K, V [n, d] of middle tokens of (b, h)."""
-        return self.stores[b][h].rows(tokens)
-
-    # ------------------------------------------------------------------ accounting
-    def stored_token_heads(self) -> int:
-        return sum(s.n_tokens for row in self.stores or [] for s in row)
-
-    def index_bytes(self) -> int:
-        return sum(s.metadata_bytes() for row in self.stores or [] for s in row)
+    def submit(self, method: str, *args) -> Future | _Done:
+        fn = getattr(self.service, method)
+        if method in ASYNC_METHODS:
+            return self._executor.submit(fn, *args)
+        return _Done(fn(*args))
 
     def close(self) -> None:
-        """Wait for background work and give the stores' host pages back."""
+        self._executor.shutdown(wait=True)
+
+
+class ServiceClient:
+    """One index service as a worker sees it: its transport, its pool (attached), this worker's
+    inbox (remote transports), the replay log, and the layer views that use it."""
+
+    def __init__(self, handle, inbox: PagePool | None = None, keep_log: bool = False, recover_timeout_s: float = 60.0) -> None:
+        if getattr(handle, "remote", True) and inbox is None:
+            raise ValueError("a remote index service needs this worker's inbox pool")
+        self.handle, self.inbox = handle, inbox
+        self.keep_log, self.recover_timeout_s = keep_log, recover_timeout_s
+        self.generation = 0  # incarnations of the service seen so far - 1
+        self.layers: weakref.WeakSet = weakref.WeakSet()
+        self.log: dict[str, list[tuple[str, int, list]]] = {}  # seq -> [(method, layer, items)]
+        self.kept: dict[str, list[np.ndarray]] = {}  # seq -> inbox pages its log refers to
+        self.pool: PagePool | None = None
+        self._attach()
+
+    @property
+    def inbox_name(self) -> str | None:
+        return self.inbox.name if self.inbox is not None else None
+
+    def _attach(self) -> None:
+        name = self.handle.submit("pool_name").result()
+        self.pool = PagePool.attach(name) if name else None
+
+    def pack(self, seq: str, k: np.ndarray, v: np.ndarray) -> tuple[list, np.ndarray]:
+        """Items (one per KV head) carrying rows k, v [H, m, d] to the service, and the inbox
+        pages they occupy."""
+        if self.inbox is None:
+            return [RowsItem(seq, h, k[h], v[h]) for h in range(k.shape[0])], np.zeros(0, np.int64)
+        items, pages = [], []
+        for h in range(k.shape[0]):
+            ids = write_inbox(self.inbox, k[h], v[h]) if k.shape[1] else np.zeros(0, np.int64)
+            items.append(InboxItem(seq, h, ids, int(k.shape[1])))
+            pages.append(ids)
+        return items, np.concatenate(pages).astype(np.int64)
+
+    def call(self, method: str, *args):
+        """A synchronous request; if the service died, recover and retry once."""
+        seen = self.generation
         try:
-            self.wait()
-        finally:
-            for row in self.stores or []:
-                for store in row:
-                    store.release()
-            self.stores = None
+            return self.handle.submit(method, *args).result()
+        except self.handle.failures as exc:
+            self.recover(seen, exc)
+            return self.handle.submit(method, *args).result()
+
+    def recover(self, seen_generation: int, cause: BaseException) -> None:
+        """The service failed: wait for its new incarnation and replay every live sequence's log.
+        A no-op if a recovery past ``seen_generation`` already happened."""
+        if self.generation > seen_generation:
+            return
+        if not self.keep_log:
+            raise RuntimeError(f"an index service died and this worker keeps no replay log ({cause})") from cause
+        log.warning("index service failed (%s); waiting for its restart, replaying %d sequence(s)", type(cause).__name__, len(self.log))
+        deadline = time.monotonic() + self.recover_timeout_s
+        while True:
+            try:
+                self.handle.submit("ping").result()
+                break
+            except self.handle.failures as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"an index service died and did not come back within {self.recover_timeout_s:.0f} s") from exc
+                time.sleep(0.2)
+        if hasattr(self.handle, "reconnect"):
+            self.handle.reconnect()  # e.g. a same-node channel to the new incarnation
+        if self.pool is not None:
+            self.pool.close()
+        self._attach()
+        self.generation += 1
+        for layer in list(self.layers):
+            layer.pending = []  # the replay below covers them
+            layer.reload_all = True
+        for entries in self.log.values():
+            for method, layer, items in entries:
+                self.handle.submit(method, layer, self.inbox_name, items).result()
+
+    def remember(self, seq: str, method: str, layer: int, items: list, pages: np.ndarray) -> None:
+        self.log.setdefault(seq, []).append((method, layer, items))
+        self.kept.setdefault(seq, []).append(pages)
+
+    def release(self, seqs: list[str]) -> None:
+        """Free the stores of these sequences in the service, and their log (after every layer
+        view's pending work is done: see :meth:`LayerStores.wait`)."""
+        if not seqs:
+            return
+        try:
+            self.call("release", list(seqs))
+        except self.handle.failures + (RuntimeError,) as exc:
+            log.warning("releasing %d sequence(s): the index service is gone (%s)", len(seqs), exc)
+        for seq in seqs:
+            self.log.pop(seq, None)
+            for pages in self.kept.pop(seq, []):
+                if len(pages):
+                    self.inbox.free(pages)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        if hasattr(self.handle, "close"):
+            self.handle.close()
+
+
+class LayerStores:
+    """The stores of one sparse layer, for every sequence, in one service (see module docstring)."""
+
+    def __init__(self, client: ServiceClient, layer: int) -> None:
+        self.client, self.layer = client, layer
+        self.pending: list[tuple] = []  # (future, inbox pages to free when done, generation)
+        self.reload_all = False  # set by a replay: the next selection invalidates every slot
+        client.layers.add(self)
+
+    @property
+    def pool(self) -> PagePool | None:
+        """Host pool the selected pages are read from."""
+        return self.client.pool
+
+    # ------------------------------------------------------------------ background work
+    def build(self, items: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+        """Start new stores from (sequence, k [H, m, d], v) of each sequence (in the background)."""
+        self._send("build", items)
+
+    def insert(self, items: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+        """Start appending rows (sequence, k [H, m, d], v) to each sequence's stores."""
+        self._send("insert", items)
+
+    def _send(self, method: str, rows: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+        client, items, free = self.client, [], []
+        for seq, k, v in rows:
+            packed, pages = client.pack(seq, k, v)
+            items.extend(packed)
+            if client.keep_log:
+                client.remember(seq, method, self.layer, packed, pages)
+            else:
+                free.append(pages)
+        seen = client.generation
+        try:
+            future = client.handle.submit(method, self.layer, client.inbox_name, items)
+        except client.handle.failures as exc:  # a transport that fails at once (not at result())
+            client.recover(seen, exc)  # the replay includes this request (logged above)
+            future = _Done(None)
+        self.pending.append((future, np.concatenate(free) if free else np.zeros(0, np.int64), seen))
+
+    def wait(self) -> None:
+        """Finish the outstanding builds / inserts and free their inbox pages."""
+        pending, self.pending = self.pending, []
+        for future, pages, seen in pending:
+            try:
+                future.result()
+            except self.client.handle.failures as exc:
+                self.client.recover(seen, exc)  # the replay includes this request
+            finally:
+                if len(pages):
+                    self.client.inbox.free(pages)
+
+    # ------------------------------------------------------------------ queries
+    def select_pages(self, seqs: list[str], host_q: np.ndarray, k: int, with_tokens: bool):
+        """One request for every (sequence, head): queries [n, H, g, d] float32.
+
+        Returns (the :class:`~icecache_ray.ragged.PagePicks` of the n * H items, item i =
+        (seqs[i // H], head i % H), with the pool pages changed since each item's last selection;
+        tokens [n][H] or None)."""
+        n, heads = host_q.shape[:2]
+        self.wait()
+        answer = self.client.call("select", self.layer, [s for s in seqs for _ in range(heads)], list(range(heads)) * n,
+                                  host_q.reshape(n * heads, *host_q.shape[2:]), k, with_tokens)
+        picks = answer
+        if self.reload_all:  # pool page ids of the old incarnation mean nothing now
+            picks, self.reload_all = dataclasses.replace(answer, reload_all=True), False
+        tokens = [[answer.tokens[i * heads + h] for h in range(heads)] for i in range(n)] if with_tokens else None
+        return picks, tokens
+
+    def select_tokens(self, seqs: list[str], host_q: np.ndarray, k: int) -> list[list[np.ndarray]]:
+        """Policies without an index: middle-token ids [n][H] to attend."""
+        n, heads = host_q.shape[:2]
+        self.wait()
+        answer = self.client.call("select", self.layer, [s for s in seqs for _ in range(heads)], list(range(heads)) * n,
+                                  host_q.reshape(n * heads, *host_q.shape[2:]), k, False)
+        return [[answer.tokens[i * heads + h] for h in range(heads)] for i in range(n)]
+
+    def rows(self, seq: str, head: int, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """K, V [n, d] of middle tokens, read in place from the service's pool (or handed over by
+        an in-process service without one)."""
+        answer = self.client.call("token_rows", self.layer, seq, head, tokens)
+        if self.pool is None:
+            return answer
+        pool_pages, slots = answer
+        rows = self.pool.pages[pool_pages, :, slots]  # [n, 2, d]
+        return np.ascontiguousarray(rows[:, 0]), np.ascontiguousarray(rows[:, 1])

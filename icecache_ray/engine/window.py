@@ -1,10 +1,11 @@
-"""Token positions of the resident sink and window of each sequence in one layer (NumPy only).
+"""Token positions of the resident sink and window of every row of one sparse layer (NumPy only).
 
-Positions are a sequence's own token positions (left padding excluded). The window of the query at
-position ``pos`` starts at :func:`window_start`; it is stored in a ring of ``window_pages + 1`` page
-slots (a page's tokens always share a ring slot), so a page that has left the window can stay
-readable until its background insertion is done while the next page fills, and no tensor is ever
-concatenated or shifted during decode.
+Positions are a sequence's own token positions. The window of the query at position ``pos``
+starts at :func:`window_start`; it is stored in a ring of ``window_pages + 1`` page slots (a
+page's tokens always share a ring slot), so a page that has left the window stays readable until
+its background insertion into the stores is done while the next page fills, and no tensor is ever
+concatenated or shifted during decode. Every method takes the rows it concerns (``rows`` [n]), so
+rows of other sequences are never touched.
 """
 
 from __future__ import annotations
@@ -18,17 +19,17 @@ def window_start(pos: int, sink_tokens: int, window_pages: int, page_size: int) 
     return max(min(sink_tokens, pos), (pos // page_size - (window_pages - 1)) * page_size)
 
 
-class WindowBook:
-    """Per-sequence lengths, sink sizes and window ring of one layer for a batch."""
+class RowWindows:
+    """Per-row lengths, sink sizes and window rings of one sparse layer (``n_rows`` rows)."""
 
-    def __init__(self, lengths: list[int], sink_tokens: int, window_pages: int, page_size: int) -> None:
+    def __init__(self, n_rows: int, sink_tokens: int, window_pages: int, page_size: int) -> None:
         self.sink_tokens, self.window_pages, self.page_size = sink_tokens, window_pages, page_size
-        self.length = np.asarray(lengths, np.int64)
-        self.sink_len = np.minimum(sink_tokens, self.length)
-        self.win_start = np.array([self.start(int(n)) for n in self.length], np.int64)
-        self.offloaded_end = self.win_start.copy()  # [sink_len, offloaded_end) is (going) to the stores
-        self.pending_end = self.win_start.copy()  # window tokens below this retire at the next settle
-        self.ring_pos = np.full((len(lengths), self.ring_tokens), -1, np.int64)
+        self.length = np.zeros(n_rows, np.int64)
+        self.sink_len = np.zeros(n_rows, np.int64)
+        self.win_start = np.zeros(n_rows, np.int64)
+        self.offloaded_end = np.zeros(n_rows, np.int64)  # [sink_len, offloaded_end) is (going) to the stores
+        self.pending_end = np.zeros(n_rows, np.int64)  # window tokens below this retire at the next settle
+        self.ring_pos = np.full((n_rows, self.ring_tokens), -1, np.int64)
 
     @property
     def ring_tokens(self) -> int:
@@ -42,50 +43,56 @@ class WindowBook:
         p = self.page_size
         return (positions // p) % (self.window_pages + 1) * p + positions % p
 
-    def place(self, b: int, positions: np.ndarray) -> np.ndarray:
-        """Record ``positions`` [n] of sequence b in the ring; returns their ring rows [n].
+    def begin_row(self, row: int, length: int) -> tuple[int, int, np.ndarray]:
+        """A finished prompt of ``length`` tokens takes ``row``: returns (sink length, window
+        start, ring rows of the window positions ``win_start .. length - 1``)."""
+        start = self.start(length)
+        self.length[row], self.sink_len[row] = length, min(self.sink_tokens, length)
+        self.win_start[row] = self.offloaded_end[row] = self.pending_end[row] = start
+        self.ring_pos[row] = -1
+        positions = np.arange(start, length)
+        ring = self.ring_index(positions)
+        self.ring_pos[row, ring] = positions
+        return int(self.sink_len[row]), start, ring
 
-        Raises RuntimeError if a row is still live (a caller bug: the ring holds every token from
-        the window start on, and a decode step may add at most one page of tokens)."""
-        rows = self.ring_index(positions)
-        old = self.ring_pos[b, rows]
-        if ((old >= self.win_start[b]) & (old >= 0)).any():
-            raise RuntimeError(f"window ring overflow in sequence {b}: too many tokens added in one step")
-        self.ring_pos[b, rows] = positions
-        return rows
+    def clear_row(self, row: int) -> None:
+        self.length[row] = self.sink_len[row] = self.win_start[row] = self.offloaded_end[row] = self.pending_end[row] = 0
+        self.ring_pos[row] = -1
 
-    def place_next(self, n: int) -> np.ndarray:
-        """:meth:`place` of every sequence's next ``n`` positions at once. Returns ring rows [B, n]."""
-        positions = self.length[:, None] + np.arange(n)[None, :]
-        rows = self.ring_index(positions)
-        batch = np.arange(len(self.length))[:, None]
-        old = self.ring_pos[batch, rows]
-        if ((old >= self.win_start[:, None]) & (old >= 0)).any():
-            raise RuntimeError("window ring overflow: too many tokens added in one step")
-        self.ring_pos[batch, rows] = positions
-        return rows
+    def place_next(self, rows: np.ndarray) -> np.ndarray:
+        """Place the next token of each row in its ring and count it. Returns ring rows [n].
 
-    def leaving(self) -> list[tuple[int, int]]:
-        """Per sequence, the positions [lo, hi) that left the window of the next query; they are
-        marked pending (still attended until :meth:`retire`)."""
+        Raises RuntimeError if a ring row is still live (a caller bug: the ring holds every token
+        from the window start on)."""
+        positions = self.length[rows]
+        ring = self.ring_index(positions)
+        old = self.ring_pos[rows, ring]
+        if ((old >= self.win_start[rows]) & (old >= 0)).any():
+            raise RuntimeError("window ring overflow: a token was added before the previous page retired")
+        self.ring_pos[rows, ring] = positions
+        self.length[rows] += 1
+        return ring
+
+    def leaving(self, rows: np.ndarray) -> list[tuple[int, int]]:
+        """Per row, the positions [lo, hi) that left the window of its next query; they are marked
+        pending (still attended until :meth:`retire`)."""
         out = []
-        for b, n in enumerate(self.length.tolist()):
-            lo, hi = int(self.offloaded_end[b]), self.start(n)
+        for r in rows.tolist():
+            lo, hi = int(self.offloaded_end[r]), self.start(int(self.length[r]))
             out.append((lo, max(lo, hi)))
             if hi > lo:
-                self.offloaded_end[b] = self.pending_end[b] = hi
+                self.offloaded_end[r] = self.pending_end[r] = hi
         return out
 
-    def retire(self) -> None:
-        """The pending tokens are in the stores now: drop them from the window."""
-        self.win_start = self.pending_end.copy()
+    def retire(self, rows: np.ndarray) -> None:
+        """The pending tokens of these rows are in the stores now: drop them from the windows."""
+        self.win_start[rows] = self.pending_end[rows]
 
-    def ring_valid(self, n_queries: int) -> np.ndarray:
-        """[B, n, ring_tokens] bool: ring rows each of the last ``n_queries`` queries may attend."""
-        query_pos = self.length[:, None] - n_queries + np.arange(n_queries)[None, :]  # [B, n]
-        pos = self.ring_pos[:, None, :]
-        return (pos >= self.win_start[:, None, None]) & (pos <= query_pos[:, :, None])
+    def ring_valid(self, rows: np.ndarray) -> np.ndarray:
+        """[n, ring_tokens] bool: ring rows the latest query of each row may attend."""
+        pos = self.ring_pos[rows]
+        return (pos >= self.win_start[rows, None]) & (pos <= self.length[rows, None] - 1)
 
-    def sink_valid(self) -> np.ndarray:
-        """[B, sink_tokens] bool."""
-        return np.arange(self.sink_tokens)[None, :] < self.sink_len[:, None]
+    def sink_valid(self, rows: np.ndarray) -> np.ndarray:
+        """[n, sink_tokens] bool."""
+        return np.arange(self.sink_tokens)[None, :] < self.sink_len[rows, None]

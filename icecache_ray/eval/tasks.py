@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 
-import torch
-from transformers import DynamicCache
-
 from icecache_ray.config import IceCacheConfig
-from icecache_ray.engine.cache import IceCache
-from icecache_ray.engine.generate import SharedPrefill, generate
+from icecache_ray.engine.generate import SharedPrefill
 from icecache_ray.eval import passkey, ruler
 
 log = logging.getLogger(__name__)
@@ -54,18 +49,6 @@ def run_ruler(model, tokenizer, runs, lengths, seed, variants=ruler.VARIANTS, sa
     return rows
 
 
-def _teacher_forced_nll(model, prompt: torch.Tensor, target: list[int], cache) -> list[float]:
-    """Per-token NLL of ``target`` after ``prompt`` [1, T], decoding one token at a time."""
-    nll = []
-    with torch.inference_mode():
-        logits = model(prompt, cache=cache, use_cache=True).logits[0, -1]
-        for i, token in enumerate(target):
-            nll.append(-float(torch.log_softmax(logits.float(), -1)[token]))
-            if i + 1 < len(target):
-                logits = model(torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1]
-    return nll
-
-
 def run_longgen(model, tokenizer, runs, lengths, new_tokens, seed) -> list[dict]:
     """Greedy agreement with the full cache and teacher-forced NLL of the full continuation."""
     from icecache_ray.haystack import essay_prompt_ids
@@ -73,18 +56,15 @@ def run_longgen(model, tokenizer, runs, lengths, new_tokens, seed) -> list[dict]
     rows = []
     for length in lengths:
         prompt = essay_prompt_ids(tokenizer, length, seed=seed)
-        reference = generate(model, prompt, IceCacheConfig(policy="full"), max_new_tokens=new_tokens).token_ids
-        full_nll = _teacher_forced_nll(model, prompt, reference, DynamicCache(config=model.config))
+        shared = SharedPrefill(model, prompt[0].tolist())  # one dense prefill for every policy
+        full = IceCacheConfig(policy="full")
+        reference = shared.generate(full, new_tokens).token_ids
+        full_nll = shared.nll(full, reference)
         for policy, budget, cfg in runs:
             t0 = time.perf_counter()
-            ours = generate(model, prompt, cfg, max_new_tokens=new_tokens).token_ids
+            ours = shared.generate(cfg, new_tokens).token_ids
             agree = sum(a == b for a, b in zip(ours, reference)) / len(reference)
-            cache = IceCache(model, cfg)
-            try:
-                nll = _teacher_forced_nll(model, prompt, reference, cache)
-            finally:
-                cache.close()
-                model.set_attn_implementation("sdpa")
+            nll = shared.nll(cfg, reference)
             q = min(128, len(nll))
             row = {"task": "longgen", "policy": policy, "budget": budget, "length": length, "prompt_tokens": int(prompt.shape[1]), "seed": seed,
                    "score": agree, "new_tokens": len(reference), "nll": sum(nll) / len(nll),

@@ -15,12 +15,14 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 
 from icecache_ray.config import POLICIES, IceCacheConfig
 from icecache_ray.jobs.inputs import read_documents
 from icecache_ray.jobs.outputs import OutputDir
 from icecache_ray.jobs.progress import Progress
 from icecache_ray.jobs.prompts import DEFAULT_INSTRUCTION, chat_prompt
+from icecache_ray.serving_config import EngineConfig
 
 log = logging.getLogger("icecache_ray.jobs.summarize")
 
@@ -35,7 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=int, default=256, help="IceCache token budget per layer and KV head")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--instruction", default=DEFAULT_INSTRUCTION)
-    p.add_argument("--batch-size", type=int, default=1, help="documents per generate call on a replica")
+    p.add_argument("--max-running", type=int, default=0,
+                   help="sequences decoding at once per replica (0: sized from memory)")
+    p.add_argument("--max-step-tokens", type=int, default=2048,
+                   help="tokens per forward pass: a decode token per running sequence, the rest prompt chunks")
     p.add_argument("--engine", choices=["ray", "local"], default="ray", help="Ray replicas, or this process")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--replicas", type=int, default=0, help="0: sized from the cluster's resources")
@@ -46,18 +51,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_args(args) -> IceCacheConfig:
+def check_args(args) -> tuple[IceCacheConfig, EngineConfig]:
     """Every option validated before Ray or a model starts (SystemExit with the reason)."""
-    for name in ("max_new_tokens", "batch_size"):
+    for name in ("max_new_tokens", "max_step_tokens"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: must be positive")
-    for name in ("replicas", "threads", "limit"):
+    for name in ("replicas", "threads", "limit", "max_running"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name}={getattr(args, name)}: must be >= 0")
     try:
-        return IceCacheConfig(policy=args.policy, budget=args.budget)
+        config = IceCacheConfig(policy=args.policy, budget=args.budget)
     except ValueError as exc:
         raise SystemExit(f"--budget/--policy: {exc}") from None
+    try:
+        engine = EngineConfig(max_running=args.max_running or None, max_step_tokens=args.max_step_tokens)
+    except ValueError as exc:
+        raise SystemExit(f"--max-running/--max-step-tokens: {exc}") from None
+    return config, engine
 
 
 def prepare(docs, tokenizer, args, context: int, errors: list[dict]) -> list[dict]:
@@ -75,20 +85,37 @@ def prepare(docs, tokenizer, args, context: int, errors: list[dict]) -> list[dic
     return items
 
 
-def make_engine(args, config: IceCacheConfig):
+def make_engine(args, config: IceCacheConfig, engine: EngineConfig):
     threads = args.threads or min(8, os.cpu_count() or 1)
     if args.engine == "local":
-        from icecache_ray.jobs.engines import LocalEngine
+        from icecache_ray.jobs.engines import LocalJobEngine
 
-        return LocalEngine(args.model, config, args.max_new_tokens, threads)
+        return LocalJobEngine(args.model, config, engine, args.max_new_tokens, threads)
     from icecache_ray import ray_utils
-    from icecache_ray.jobs.engines import RayEngine
+    from icecache_ray.jobs.engines import RayJobEngine
 
     ray = ray_utils.connect(args.address)
     gpus = args.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    return RayEngine(ray, args.model, config, args.max_new_tokens, threads, args.replicas or None, gpus)
+    return RayJobEngine(ray, args.model, config, engine, args.max_new_tokens, threads, args.replicas or None, gpus, args.address)
+
+
+def generate_all(engine, items: list[dict], on_rows) -> None:
+    """Feed documents to the engine as it has room, step it, and hand every ended document's row
+    to ``on_rows`` (a document the engine refuses, or that finds no live replica, is an error row)."""
+    queue = deque(items)
+    while queue or engine.in_flight:
+        refused = []
+        while queue and engine.in_flight < engine.capacity:
+            item = queue.popleft()
+            try:
+                engine.submit(item)
+            except (ValueError, RuntimeError) as exc:
+                refused.append({"id": item["id"], "error": str(exc)})
+        rows = refused + (engine.step() if engine.in_flight else [])
+        if rows:
+            on_rows(rows)
 
 
 def run(args) -> dict:
@@ -98,7 +125,7 @@ def run(args) -> dict:
     from icecache_ray.model import ensure_local_model
 
     t0 = time.perf_counter()
-    config = check_args(args)
+    config, engine_cfg = check_args(args)
     out = OutputDir(args.output)
     docs, input_errors = read_documents(args.input, args.id_column, args.text_column)
     errors = [{"id": e.id, "source": e.source, "reason": e.reason} for e in input_errors]
@@ -114,30 +141,37 @@ def run(args) -> dict:
     items = prepare(todo, tokenizer, args, AutoConfig.from_pretrained(folder).max_position_embeddings, errors)
     out.write_errors(errors)  # input and prompt problems, known before any generation
     by_id = {it["id"]: it for it in items}
-    ok, failed = 0, len(errors)
-    engine = make_engine(args, config) if items else None
+    counts = {"ok": 0, "failed": len(errors)}
+    engine = make_engine(args, config, engine_cfg) if items else None
     progress = Progress(len(items))
+
+    def on_rows(rows: list[dict]) -> None:
+        good = [_output_row(r, by_id[r["id"]], config) for r in rows if "error" not in r]
+        bad = [{"id": r["id"], "source": "generation", "reason": r["error"]} for r in rows if "error" in r]
+        if good:
+            out.write_rows(good)
+        out.write_errors(bad)
+        counts["ok"] += len(good)
+        counts["failed"] += len(bad)
+        progress.update(len(rows), sum(r["generated_tokens"] for r in good))
+
     try:
-        batches = [items[i : i + args.batch_size] for i in range(0, len(items), args.batch_size)]
-        for rows in engine.run(batches) if engine else []:
-            good = [_output_row(r, by_id[r["id"]], config) for r in rows if "error" not in r]
-            bad = [{"id": r["id"], "source": "generation", "reason": r["error"]} for r in rows if "error" in r]
-            if good:
-                out.write_rows(good)
-            out.write_errors(bad)
-            ok, failed = ok + len(good), failed + len(bad)
-            progress.update(len(rows), sum(r["generated_tokens"] for r in good))
+        if engine is not None:
+            generate_all(engine, items, on_rows)
+        runtime = engine.runtime_shape() if engine is not None else None
     finally:
         if engine is not None:
             engine.shutdown()
     summary = {
         "options": {k: v for k, v in vars(args).items()},
         "config": config.to_dict(),
+        "engine_config": engine_cfg.to_dict(),
         "engine": engine.name if engine else None,
-        "replicas": engine.replicas if engine else 0,
+        "replicas": runtime["replicas"] if runtime else 0,
+        "runtime": runtime,
         "documents": len(docs),
-        "ok": ok,
-        "failed": failed,
+        "ok": counts["ok"],
+        "failed": counts["failed"],
         "skipped_done": len(docs) - len(todo),
         "truncated": sum(1 for it in items if it["truncated"]),
         "generated_tokens": progress.tokens,

@@ -1,0 +1,215 @@
+"""A sparse (budgeted) layer over rows: sink + page slots + window ring on the device, the rest in
+host stores (one per sequence and KV head, in an index service).
+
+Prefill: a sequence's prompt chunks accumulate in a staging buffer (dense causal attention needs
+every earlier prompt token); after its last chunk the row keeps only the sink and the window and
+the middle tokens go to the stores, built in the background while the model computes.
+
+Decode, for all decoding rows at once: the new tokens go into each row's window ring; **one**
+batched selection covers every row and KV head; only pages that are not resident are copied (one
+gather, one copy, one scatter for the layer); attention runs over sink | slots | ring with a
+boolean mask, one SDPA call for the rows. Tokens leaving a window are inserted into the stores in
+the background and stay attended until that insertion is done (the next step), so no token is
+ever lost or counted twice.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from icecache_ray.config import IceCacheConfig
+from icecache_ray.engine.attention import prefill_attention
+from icecache_ray.engine.resident import ResidentKV
+from icecache_ray.engine.slots import SlotTable
+from icecache_ray.engine.stats import StepStats
+from icecache_ray.engine.window import RowWindows
+
+
+class SparseRows:
+    """Sparse layer ``layer_idx`` for ``n_rows`` rows (see module docstring). With ``anchor`` set,
+    the layer attends over its own K/V of the tokens that layer selected (IceCache(r))."""
+
+    def __init__(self, layer_idx: int, config: IceCacheConfig, n_rows: int, heads: int, head_dim: int, dtype, device,
+                 stores, anchor: "SparseRows | None" = None) -> None:
+        self.layer_idx, self.cfg, self.stores, self.anchor = layer_idx, config, stores, anchor
+        p = config.page_size
+        self.windows = RowWindows(n_rows, config.sink_tokens, config.window_pages, p)
+        slot_rows = config.retrieved_pages * p
+        self.kv = ResidentKV(n_rows, heads, config.sink_tokens, slot_rows, self.windows.ring_tokens, head_dim, dtype, device)
+        self.ret_valid = np.zeros((n_rows, heads, slot_rows), bool)  # valid rows of the slot region
+        self.slots = SlotTable(n_rows, heads, config.retrieved_pages, p) if config.policy == "icecache" and anchor is None else None
+        self.seq_of_row: list[str | None] = [None] * n_rows
+        self.staging: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> prompt K, V [H, T, d]
+        self.publish = config.layer_reuse > 1 and anchor is None  # followers read self.selected
+        self.selected: list[list[np.ndarray]] | None = None  # [decode row][H] middle tokens chosen this step
+        self.heads = np.arange(heads)
+
+    # ------------------------------------------------------------------ rows
+    def release(self, row: int) -> None:
+        """The sequence on ``row`` is gone (its stores are released by the runner)."""
+        self.windows.clear_row(row)
+        if self.slots is not None:
+            self.slots.reset_row(row)
+        self.ret_valid[row] = False
+        self.staging.pop(row, None)
+        self.seq_of_row[row] = None
+
+    # ------------------------------------------------------------------ writes
+    def update(self, step, key: torch.Tensor, value: torch.Tensor) -> None:
+        """key / value: [1, H, N, d] post-RoPE: decode tokens into the rings, prompt chunks into staging."""
+        nd = step.n_decode
+        if nd:
+            rows = step.decode_rows
+            self.stores.wait()  # last step's inserts (normally long done)
+            self.windows.retire(rows)
+            ring = self.windows.place_next(rows)
+            flat = self.kv.flat_rows(rows[:, None], self.heads[None, :], self.kv.ring_start + ring[:, None])  # [2, n, H]
+            self.kv.write(flat, torch.stack([key[0, :, :nd].transpose(0, 1), value[0, :, :nd].transpose(0, 1)]))
+        for seg in step.prefill:
+            if seg.start == 0:
+                self.release(seg.row)
+                shape = (key.shape[1], seg.prompt_len, key.shape[3])
+                self.staging[seg.row] = (key.new_empty(shape), value.new_empty(shape))
+                self.seq_of_row[seg.row] = seg.seq_id
+            k, v = self.staging[seg.row]
+            k[:, seg.start : seg.end] = key[0, :, seg.offset : seg.offset + seg.n]
+            v[:, seg.start : seg.end] = value[0, :, seg.offset : seg.offset + seg.n]
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, step, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """query: [1, Hq, N, d] post-RoPE. Returns [N, Hq, d]."""
+        out = query.new_empty((query.shape[2], query.shape[1], query.shape[3]))
+        if step.n_decode:
+            out[: step.n_decode] = self._decode(step, query[0, :, : step.n_decode].transpose(0, 1), scaling)
+        for seg in step.prefill:
+            k, v = self.staging[seg.row]
+            q = query[:, :, seg.offset : seg.offset + seg.n]
+            o = prefill_attention(q, k[None, :, : seg.end], v[None, :, : seg.end], seg.start, scaling)
+            out[seg.offset : seg.offset + seg.n] = o[0].transpose(0, 1)
+            if seg.ends_prompt:
+                self._finish_prefill(seg.row, seg.seq_id)
+        return out
+
+    def load_prefill(self, row: int, seq_id: str, key: torch.Tensor, value: torch.Tensor) -> None:
+        """A whole prompt's K/V [H, T, d] computed elsewhere, into ``row`` (as after its last chunk)."""
+        self.release(row)
+        self.staging[row], self.seq_of_row[row] = (key, value), seq_id
+        self._finish_prefill(row, seq_id)
+
+    def _finish_prefill(self, row: int, seq_id: str) -> None:
+        """Keep sink + window of the prompt, send the middle to the stores, drop the staging."""
+        k, v = self.staging.pop(row)
+        total = k.shape[1]
+        sink, start, ring = self.windows.begin_row(row, total)
+        kept = np.concatenate([np.arange(sink), self.kv.ring_start + ring])
+        src = torch.from_numpy(np.concatenate([np.arange(sink), np.arange(start, total)])).to(k.device)
+        self.kv.write(self.kv.flat_rows(row, self.heads[:, None], kept[None, :]), torch.stack([k[:, src], v[:, src]]))
+        self.stores.build([(seq_id, _host(k[:, sink:start]), _host(v[:, sink:start]))])
+
+    def _decode(self, step, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """query: [n, Hq, d] of the decoding rows. Returns [n, Hq, d]."""
+        rows, stats = step.decode_rows, StepStats()
+        n, hq, d = query.shape
+        host_q = np.ascontiguousarray(query.float().cpu().numpy()).reshape(n, len(self.heads), hq // len(self.heads), d)
+        seqs = [self.seq_of_row[r] for r in rows.tolist()]
+        if self.anchor is not None:
+            self._write_tokens(rows, seqs, self.anchor.selected, stats, step)
+        elif self.slots is not None:
+            self._load_pages(self._select_pages(rows, seqs, host_q, stats, step), stats)
+        else:
+            t0 = time.perf_counter()
+            tokens = self.stores.select_tokens(seqs, host_q, self.cfg.retrieved_pages)
+            stats.select_ms += 1e3 * (time.perf_counter() - t0)
+            self._write_tokens(rows, seqs, tokens, stats, step)
+            self.selected = tokens if self.publish else None
+        t0 = time.perf_counter()
+        out = self.kv.attend(query, self._mask(rows), rows, scaling)
+        stats.attend_ms += 1e3 * (time.perf_counter() - t0)
+        step.record(stats)
+        self._offload_leaving(rows, seqs)
+        return out
+
+    def _select_pages(self, rows: np.ndarray, seqs: list[str], host_q: np.ndarray, stats: StepStats, step) -> tuple:
+        """icecache: one selection request for every (row, KV head), and the slot plan.
+        Returns (pool pages to copy [m], their rows [m], KV heads [m], slots [m])."""
+        t0 = time.perf_counter()
+        picks, self.selected = self.stores.select_pages(seqs, host_q, self.cfg.retrieved_pages, self.publish)
+        plan = self.slots.plan_rows(rows, picks)
+        self.ret_valid[rows] = self.slots.valid_rows(rows)
+        per_row = np.diff(picks.page_bounds).reshape(len(rows), -1).sum(axis=1)
+        loaded = np.bincount(np.searchsorted(rows, plan[1]), minlength=len(rows))
+        step.count_pages(per_row, loaded, self.kv_page_bytes)
+        stats.pages_selected += len(picks.pages)
+        stats.pages_hit += len(picks.pages) - len(plan[0])
+        stats.select_ms += 1e3 * (time.perf_counter() - t0)
+        return plan
+
+    @property
+    def kv_page_bytes(self) -> int:
+        return 2 * self.cfg.page_size * self.kv.kv.shape[-1] * self.kv.kv.element_size()
+
+    def _load_pages(self, plan: tuple, stats: StepStats) -> None:
+        """One gather from the host pool, one copy, one scatter for the whole layer."""
+        t0 = time.perf_counter()
+        pages, prow, heads, slots = plan
+        if len(pages):
+            flat = self.kv.page_rows(prow, heads, slots, self.cfg.page_size)
+            stats.bytes_loaded += self.kv.load(self.stores.pool, pages, flat)
+            stats.pages_loaded += len(pages)
+        stats.load_ms += 1e3 * (time.perf_counter() - t0)
+
+    def _write_tokens(self, rows: np.ndarray, seqs: list[str], tokens: list[list[np.ndarray]], stats: StepStats, step) -> None:
+        """Token policies and layer reuse: copy the chosen middle tokens' K/V into the slot region."""
+        t0 = time.perf_counter()
+        width, p = self.ret_valid.shape[2], self.cfg.page_size
+        per_row = np.zeros(len(rows), np.int64)
+        for i, (row, seq) in enumerate(zip(rows.tolist(), seqs)):
+            for h in self.heads.tolist():
+                ids = tokens[i][h][:width]
+                self.ret_valid[row, h] = np.arange(width) < len(ids)
+                if len(ids):
+                    k, v = self.stores.rows(seq, h, ids)
+                    flat = self.kv.flat_rows(row, h, self.kv.slot_start + np.arange(len(ids)))
+                    self.kv.write(flat, torch.from_numpy(np.stack([k, v])))
+                    stats.bytes_loaded += k.nbytes + v.nbytes
+                per_row[i] += -(-len(ids) // p)
+        step.count_pages(per_row, per_row, self.kv_page_bytes)
+        stats.pages_selected += int(per_row.sum())
+        stats.pages_loaded += int(per_row.sum())
+        stats.load_ms += 1e3 * (time.perf_counter() - t0)
+
+    def _mask(self, rows: np.ndarray) -> np.ndarray:
+        """[n, H, L] bool: sink rows | valid slot rows | ring rows inside each row's window."""
+        n, heads = len(rows), len(self.heads)
+        mask = np.empty((n, heads, self.kv.length), bool)
+        mask[..., : self.kv.slot_start] = self.windows.sink_valid(rows)[:, None, :]
+        mask[..., self.kv.slot_start : self.kv.ring_start] = self.ret_valid[rows]
+        mask[..., self.kv.ring_start :] = self.windows.ring_valid(rows)[:, None, :]
+        return mask
+
+    def _offload_leaving(self, rows: np.ndarray, seqs: list[str]) -> None:
+        """Hand the tokens that left each row's window to the stores, in the background."""
+        items = []
+        for row, seq, (lo, hi) in zip(rows.tolist(), seqs, self.windows.leaving(rows)):
+            if hi > lo:
+                ring = self.kv.ring_start + self.windows.ring_index(np.arange(lo, hi))
+                kv = _host(self.kv.read(self.kv.flat_rows(row, self.heads[:, None], ring[None, :])))  # [2, H, m, d]
+                items.append((seq, kv[0], kv[1]))
+        if items:
+            self.stores.insert(items)
+
+    def device_bytes(self) -> int:
+        return self.kv.nbytes()
+
+    @property
+    def token_bytes(self) -> int:
+        """Device bytes of one token's K and V in this layer (what prefill staging holds per token)."""
+        return 2 * self.kv.heads * self.kv.kv.shape[-1] * self.kv.kv.element_size()
+
+
+def _host(x: torch.Tensor) -> np.ndarray:
+    """A float32 host copy (the stores' format) of a device tensor."""
+    return x.float().cpu().numpy().copy()

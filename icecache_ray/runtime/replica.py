@@ -1,0 +1,178 @@
+"""One replica on Ray: its layout (stages, rows, host pools) and its actors, driven by an Engine.
+
+:class:`Layout` is decided on the driver before any actor starts (ValueError for impossible
+settings): the stages' layer ranges, the rows (``EngineConfig.max_running``, else sized from the
+smallest node's memory), the pages of each index actor's pool and what one sequence needs of each.
+:class:`Replica` spawns one placement group per stage (worker + its index actors), then wraps the
+stage workers as :class:`RayStage` handles of an
+:class:`~icecache_ray.engine.engine.Engine` whose scheduler admits against those pools.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from icecache_ray.config import IceCacheConfig
+from icecache_ray.engine.engine import Engine
+from icecache_ray.engine.runner import check_model, is_sparse
+from icecache_ray.engine.scheduler import Scheduler
+from icecache_ray.engine.sizing import auto_max_running, pages_per_sequence, row_cost
+from icecache_ray.runtime.placement import spawn_index_actor, spawn_worker, stage_group, stage_ranges
+from icecache_ray.serving_config import MAX_AUTO_RUNNING, DeploymentConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Layout:
+    """How every replica of a deployment is cut (see module docstring)."""
+
+    model_config: object
+    ice: IceCacheConfig
+    dep: DeploymentConfig
+    ranges: list[range]
+    head_dim: int
+    max_seq_len: int
+    index_actors_per_stage: int
+    rows: int = 0
+
+    def owned(self, stage: int, actor: int) -> int:
+        """Sparse layers of ``stage`` dealt to its index actor ``actor`` (round-robin, as the runner)."""
+        sparse = [i for i in self.ranges[stage] if is_sparse(i, self.ice)]
+        return len(sparse[actor :: self.index_actors_per_stage])
+
+    def need(self, max_tokens: int) -> dict:
+        """Host pages one sequence of ``max_tokens`` needs on each index actor (stage, actor)."""
+        heads = self.model_config.num_key_value_heads
+        return {(s, k): pages_per_sequence(max_tokens, self.ice.page_size, heads, self.owned(s, k))
+                for s in range(len(self.ranges)) for k in range(self.index_actors_per_stage)}
+
+    def pool_pages(self, stage: int, actor: int) -> int:
+        configured = self.dep.engine.pool_pages
+        return configured or max(1, self.rows * self.need(self.max_seq_len)[(stage, actor)])
+
+    def rows_for(self, ray) -> int:
+        """Rows per replica: as configured, else what the smallest node's memory allows."""
+        if self.dep.engine.max_running is not None:
+            self.rows = self.dep.engine.max_running
+            return self.rows
+        heads, ice = self.model_config.num_key_value_heads, self.ice
+        resident = ice.sink_tokens + ice.retrieved_pages * ice.page_size + (ice.window_pages + 1) * ice.page_size
+        widest = max(self.ranges, key=len)
+        sparse = sum(1 for i in widest if is_sparse(i, ice))
+        cost = row_cost(len(widest) - sparse, sparse, heads, self.head_dim, 4, self.max_seq_len, resident, ice.page_size)
+        memory = min(n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")) or 1
+        self.rows = auto_max_running(cost, memory, memory, self.dep.engine.memory_fraction,
+                                     min(MAX_AUTO_RUNNING, self.dep.engine.max_step_tokens - 1), True)
+        return self.rows
+
+
+def build_layout(model_config, ice: IceCacheConfig, dep: DeploymentConfig) -> Layout:
+    """The deployment's layout, validated (see module docstring)."""
+    n_layers, head_dim = check_model(model_config, ice)
+    ranges = stage_ranges(n_layers, dep.stages, ice.n_full_layers, ice.layer_reuse)
+    n_index = dep.index_actors_per_stage
+    if ice.policy != "icecache" and n_index:
+        log.info("policy %r keeps its stores inside the stage workers (index actors serve icecache pages)", ice.policy)
+        n_index = 0
+    max_seq_len = dep.engine.max_seq_len or model_config.max_position_embeddings
+    return Layout(model_config, ice, dep, ranges, head_dim, max_seq_len, n_index)
+
+
+class _Answer:
+    def __init__(self, ray, ref) -> None:
+        self.ray, self.ref = ray, ref
+
+    def result(self, timeout=None):
+        return self.ray.get(self.ref, timeout=timeout)
+
+
+class RayStage:
+    """A stage worker actor as an engine stage handle: ``submit`` chains the call on the previous
+    stage's answer (an object ref, resolved by Ray on the worker)."""
+
+    def __init__(self, ray, actor) -> None:
+        self.ray, self.actor = ray, actor
+        self.failures = (ray.exceptions.RayError,)
+
+    def submit(self, plan, incoming, want_logits: bool = False) -> _Answer:
+        incoming = incoming.ref if isinstance(incoming, _Answer) else incoming
+        return _Answer(self.ray, self.actor.step.remote(plan, incoming, want_logits))
+
+
+class Replica:
+    """The actors of replica ``index`` and the engine driving them (see module docstring)."""
+
+    def __init__(self, ray, deployment, index: int, rows: int) -> None:
+        self.ray, self.index = ray, index
+        layout, dep, ice = deployment.layout, deployment.config, deployment.ice
+        self.stages: list[dict] = []
+        self.pgs: list = []
+        try:
+            self._spawn(deployment, rows)
+        except BaseException:
+            self.shutdown()
+            raise
+        capacity = {key: layout.pool_pages(*key) for key in layout.need(1)} if layout.index_actors_per_stage else {}
+        need = layout.need if capacity else None
+        scheduler = Scheduler(rows, dep.engine.max_step_tokens, layout.max_seq_len, need, capacity)
+        self.engine = Engine([RayStage(ray, st["worker"]) for st in self.stages], scheduler, f"replica {index}", dep.call_timeout_s)
+
+    def _spawn(self, deployment, rows: int) -> None:
+        ray, index = self.ray, self.index
+        layout, dep, ice = deployment.layout, deployment.config, deployment.ice
+        for s, layers in enumerate(layout.ranges):
+            pg = stage_group(ray, dep, f"replica {index} stage {s}")
+            self.pgs.append(pg)
+            self.stages.append({"worker": None, "index": [], "layers": [layers.start, layers.stop]})
+            prefix = f"icr_{deployment.id}_r{index}s{s}"
+            pools = [layout.pool_pages(s, k) for k in range(layout.index_actors_per_stage)]
+            actors = self.stages[-1]["index"] = [spawn_index_actor(ray, pg, dep, ice, layout.head_dim, n, f"{prefix}i{k}")
+                                                 for k, n in enumerate(pools)]
+            in_worker_pool = rows * pages_per_sequence(layout.max_seq_len, ice.page_size, layout.model_config.num_key_value_heads,
+                                                       sum(1 for i in layers if is_sparse(i, ice)))
+            worker = spawn_worker(ray, pg, dep, ice, deployment.model_path, layers, rows, layout.max_seq_len, actors,
+                                  f"{prefix}inbox", max(1, sum(pools)), max(1, in_worker_pool))
+            self.stages[-1]["worker"] = worker
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until every worker loaded its model (load errors surface here, before any request)."""
+        infos = self.ray.get([st["worker"].ready.remote() for st in self.stages], timeout=timeout_s)
+        for st, info in zip(self.stages, infos):
+            st["info"] = info
+
+    @property
+    def load(self) -> int:
+        sch = self.engine.scheduler
+        return len(sch.waiting) + len(sch.running)
+
+    def stats(self) -> dict:
+        sch = self.engine.scheduler
+        out = {"alive": self.engine.alive, "steps": self.engine.steps, "waiting": len(sch.waiting), "running": len(sch.running),
+               "stages": []}
+        for st in self.stages:
+            row = {"layers": st["layers"], "node_id": st.get("info", {}).get("node_id")}
+            if self.engine.alive:
+                try:
+                    row["worker"] = self.ray.get(st["worker"].stats.remote(), timeout=30)
+                    row["index"] = self.ray.get([a.stats.remote() for a in st["index"]], timeout=30)
+                except self.ray.exceptions.RayError as exc:
+                    row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            out["stages"].append(row)
+        return out
+
+    def shutdown(self) -> None:
+        """Close and kill every actor of this replica, remove its placement groups."""
+        ray = self.ray
+        for st in self.stages:
+            actors = [a for a in [st["worker"], *st["index"]] if a is not None]
+            for ref in [a.close.remote() for a in actors]:
+                try:
+                    ray.get(ref, timeout=30)
+                except Exception as exc:  # noqa: BLE001 - teardown goes on whatever one actor says
+                    log.debug("teardown call failed: %s", exc)
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+        for pg in self.pgs:
+            ray.util.remove_placement_group(pg)
