@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_NODE_IP_ADDRESS := 127.0.0.1
 
-.PHONY: setup test test-slow demo demo-passkey bench bench-quick clean
+.PHONY: setup test test-slow demo demo-passkey bench bench-quick bench-throughput gpu-check clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,14 @@ bench: setup
 
 bench-quick: setup
 	$(VPY) -m icecache_ray.bench.retrieval --quick --json bench-retrieval-quick.json
+
+# Batched decode throughput, every policy, local and Ray engine (about an hour on 2 cores).
+bench-throughput: setup
+	$(VPY) -m icecache_ray.bench.throughput --json docs/results/throughput.json
+
+# Needs a CUDA device: GPU tests and benches, JSON under docs/results/gpu/ (at most ~8 minutes).
+gpu-check: setup
+	PY=$(VPY) bash scripts/gpu-check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

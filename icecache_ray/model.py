@@ -115,6 +115,32 @@ def ensure_local_model(path: Path | None = None) -> Path:
     return target
 
 
+def model_folder(path: str | Path | None = None) -> Path:
+    """The folder of a saved model: ``path`` checked (FileNotFoundError naming it when it does not
+    exist or holds no config.json), or the bundled SmolLM2's cached copy for ``None``."""
+    if path is None:
+        return ensure_local_model()
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {str(folder)!r} has no config.json (not a saved model)")
+    return folder
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer saved in ``folder``; ValueError naming the folder when it has none that loads
+    (transformers' own message would be about sentencepiece or repo ids)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"model folder {str(folder)!r} has no tokenizer that loads (tokenizer.json / "
+                         f"tokenizer_config.json): {first}") from None
+
+
 def load_model(
     path: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
@@ -127,16 +153,12 @@ def load_model(
     ``path`` is a folder saved with ``save_pretrained`` (config.json, weights, tokenizer).
     Raises FileNotFoundError naming ``path`` when it is not such a folder.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    folder = ensure_local_model() if path is None else Path(path).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model folder {str(folder)!r} has no config.json (not a saved model)")
+    folder = model_folder(path)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(folder) if with_tokenizer else None
+    tokenizer = load_tokenizer(folder) if with_tokenizer else None
     model.eval()
     log.info("loaded %s (%s, attn=%s) in %.2f s", folder, dtype, model.config._attn_implementation, time.perf_counter() - t0)
     return model, tokenizer

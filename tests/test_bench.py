@@ -83,7 +83,8 @@ def test_speed_bench_rejects_bad_arguments(argv, match, capsys):
 
 
 @pytest.mark.parametrize("module", ["icecache_ray.bench.retrieval", "icecache_ray.bench.speed",
-                                    "icecache_ray.bench.insert", "icecache_ray.bench.copy", "icecache_ray.eval.__main__"])
+                                    "icecache_ray.bench.insert", "icecache_ray.bench.copy", "icecache_ray.bench.throughput",
+                                    "icecache_ray.eval.__main__"])
 def test_every_tool_rejects_an_output_folder_that_does_not_exist_before_any_work(module, tmp_path, capsys):
     import importlib
 
@@ -103,3 +104,45 @@ def test_json_path_returns_the_path_it_checked():
     from icecache_ray.report import json_path
 
     assert json_path("~/out.json") == str(Path.home() / "out.json")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--max-running", "0"], "--max-running must be positive integers"),
+    (["--max-running", "8", "--docs", "4"], "needs at least that many documents"),
+    (["--min-tokens", "900", "--max-tokens", "800"], "is below --min-tokens"),
+    (["--budget", "250"], "budget"),
+])
+def test_throughput_bench_rejects_bad_arguments(argv, match, capsys):
+    from icecache_ray.bench import throughput
+
+    with pytest.raises(SystemExit):
+        throughput.main(["--quick"] + argv)
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.realmodel
+def test_throughput_quick_run_reports_the_contract(tmp_path):
+    """The CI smoke run of the throughput benchmark (`--quick`, the same code as the full run):
+    every configuration measured, the summary's ratios present, and a document that joined the
+    running batch mid-flight decodes the same greedy tokens alone, in the batch and on Ray."""
+    from icecache_ray.bench import throughput
+
+    out = tmp_path / "t.json"
+    assert throughput.main(["--quick", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    summary = data["summary"]
+    for key in ("decode_speedup_icecache_vs_full_b4", "decode_scaling_icecache_b4_vs_b1", "e2e_speedup_icecache_vs_full_b4",
+                "ray_vs_local_decode_b4", "select_frac_ray_b4"):
+        assert summary[key] is not None and summary[key] > 0, key
+    assert summary["tokens_identical"] is True
+    steady = {(r["config"], r["max_running"]) for r in data["rows"] if r["phase"] == "steady"}
+    assert {("full", 4), ("quest@256", 1), ("icecache@256", 4), ("hf_dynamic_cache", 4)} <= steady
+    e2e = [r for r in data["rows"] if r["phase"] == "e2e"]
+    assert {(r["config"], r["engine"]) for r in e2e} == {("full", "local"), ("quest@256", "local"), ("icecache@256", "local"),
+                                                        ("icecache@256", "ray")}
+    for row in e2e:
+        assert row["docs"] == 4 and all(len(t) == 32 for t in row["tokens"]) and row["steady_steps"] > 0
+        assert row["peak_host_pss_bytes"] > 0 and row["device_kv_bytes_per_seq"] > 0
+    ray_row = next(r for r in e2e if r["engine"] == "ray")
+    assert ray_row["runtime"] == {"engine": "ray", "replicas": 1, "stages": 1, "stage_workers": 1, "index_actors": 1,
+                                  "max_running": 4}

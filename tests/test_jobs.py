@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from icecache_ray.jobs.outputs import OutputDir
@@ -56,7 +55,7 @@ def test_bad_inputs_are_reported_and_good_documents_still_summarized(tiny_model_
     _jsonl(folder / "nocol.jsonl", [{"id": "x", "body": "no text column"}])
     (folder / "huge.txt").write_text(_doc(2, words=3000))  # far beyond the tiny model's 1024 tokens
     out = tmp_path / "out"
-    assert main(_args(tiny_model_dir, [folder, tmp_path / "missing.jsonl"], out)) == 0
+    assert main(_args(tiny_model_dir, [folder, tmp_path / "missing.jsonl"], out)) == 3  # some failed
     table = OutputDir(out).read_all()
     rows = {r["id"]: r for r in table.to_pylist()}
     assert set(rows) == {"good", "huge"}
@@ -66,7 +65,51 @@ def test_bad_inputs_are_reported_and_good_documents_still_summarized(tiny_model_
     for expected in ("empty text", "not valid UTF-8", "unsupported file type '.pdf'", "missing column(s) ['text']", "path does not exist"):
         assert any(expected in r for r in reasons), (expected, reasons)
     info = json.loads((out / "run.json").read_text())
-    assert info["ok"] == 2 and info["failed"] == 5 and info["truncated"] == 1
+    assert info["ok"] == 2 and info["failed"] == 5 and info["truncated"] == 1 and info["exit_code"] == 3
+
+
+@pytest.mark.parametrize("make_input", ["missing", "empty_folder", "all_bad"])
+def test_nothing_summarized_exits_4(tiny_model_dir, tmp_path, make_input, caplog):
+    """`ray job submit` must not report success for a run that summarized nothing."""
+    src = tmp_path / "in"
+    if make_input != "missing":
+        src.mkdir()
+    if make_input == "all_bad":
+        (src / "empty.txt").write_text(" ")
+    out = tmp_path / "out"
+    assert main(_args(tiny_model_dir, [src], out)) == 4
+    assert json.loads((out / "run.json").read_text())["exit_code"] == 4
+    assert "nothing summarized" in caplog.records[-1].getMessage()
+
+
+def test_resumed_run_with_nothing_left_exits_0(tiny_model_dir, tmp_path):
+    src = _jsonl(tmp_path / "docs.jsonl", [{"id": "d0", "text": _doc(0)}])
+    assert main(_args(tiny_model_dir, [src], tmp_path / "out")) == 0
+    assert main(_args(tiny_model_dir, [src], tmp_path / "out")) == 0
+
+
+@pytest.mark.parametrize("model,match", [
+    ("missing", "--model: model folder .*missing.* does not exist"),
+    ("no_config", "has no config.json"),
+    ("no_tokenizer", "has no tokenizer that loads"),
+])
+def test_bad_model_folder_is_named_before_any_work(tiny_model_dir, tmp_path, model, match):
+    import shutil
+
+    folder = tmp_path / model
+    if model == "no_config":
+        folder.mkdir()
+        (folder / "weights.bin").write_bytes(b"x")
+    elif model == "no_tokenizer":
+        shutil.copytree(tiny_model_dir, folder)
+        for f in folder.iterdir():
+            if "token" in f.name or f.suffix in (".model", ".txt") or f.name == "special_tokens_map.json":
+                f.unlink()
+    src = _jsonl(tmp_path / "docs.jsonl", [{"id": "d0", "text": _doc(0)}])
+    args = _args(tiny_model_dir, [src], tmp_path / "out")
+    args[args.index("--model") + 1] = str(folder)
+    with pytest.raises(SystemExit, match=match):
+        run(parse_args(args + ["--engine", "ray"]))
 
 
 def test_bad_options_fail_before_any_work(tiny_model_dir, tmp_path):

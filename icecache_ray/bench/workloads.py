@@ -133,3 +133,26 @@ def make_synthetic(
 def _unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     rows = rng.standard_normal((n, dim)).astype(np.float32)
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+LONGDOCS = ("kjv_bible.txt", "jargon_file_4.4.7.txt", "tinyshakespeare.txt")
+
+
+def long_documents(tokenizer, n: int, min_tokens: int, max_tokens: int, seed: int = 0) -> list[list[int]]:
+    """``n`` summarization prompts (the job's chat prompt) of ``min_tokens``..``max_tokens`` tokens,
+    each around a different slice of the public-domain texts in ``../shared/data/longdocs``
+    (documents taken round-robin from the three texts, at spread-out offsets)."""
+    from icecache_ray.haystack import data_dir
+    from icecache_ray.jobs.prompts import DEFAULT_INSTRUCTION, chat_prompt
+
+    rng = np.random.default_rng(seed)
+    texts = [(data_dir() / "longdocs" / name).read_text(encoding="utf-8", errors="replace") for name in LONGDOCS]
+    out = []
+    for i in range(n):
+        text = texts[i % len(texts)]
+        target = int(rng.integers(min_tokens, max_tokens + 1))
+        chars = target * 6  # more than enough characters; the prompt is cut to ``target`` tokens
+        start = (i // len(texts)) * len(text) // max(1, -(-n // len(texts)))
+        piece = text[start : start + chars]
+        out.append(chat_prompt(tokenizer, piece, DEFAULT_INSTRUCTION, target).ids)
+    return out

@@ -67,6 +67,7 @@ class Engine:
         self.steps = 0
         self.want_logits = False  # teacher forcing / scoring: the last stage returns logits
         self.last_logits = None
+        self.last_stats = None  # StepStats of the last completed step (select / load / attend ms)
         self._lock = threading.RLock()  # add() may come from other threads than step()
 
     # ------------------------------------------------------------------ requests
@@ -130,7 +131,7 @@ class Engine:
 
     def _account(self, plan: StepPlan, counters: dict) -> None:
         """Per-sequence counters of a step: times are the step's, pages each sequence's own."""
-        stats = counters["stats"]
+        stats = self.last_stats = counters["stats"]
         by_id = {s.seq_id: s for s in self.scheduler.running}
         for i in range(plan.n_decode):
             st = by_id[plan.seq_ids[i]].stats

@@ -130,7 +130,10 @@ class SharedPrefill:
         prepare_prompt(model.config, self.prompt, 1, truncate=False)
         cache = DynamicCache(config=model.config)
         with torch.inference_mode():
-            self.logits = model(torch.tensor([self.prompt], device=model.device), cache=cache, use_cache=True).logits[0, -1]
+            # logits of the last position only: the whole [T, vocab] matrix is ~1.5 GB at 8k tokens,
+            # and a view of its last row would keep all of it alive
+            out = model(torch.tensor([self.prompt], device=model.device), cache=cache, use_cache=True, logits_to_keep=1)
+            self.logits = out.logits[0, -1].clone()
         self.keys = [layer.keys[0] for layer in cache.layers]  # per layer [H, T, d], post-RoPE
         self.values = [layer.values[0] for layer in cache.layers]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from icecache_ray.config import IceCacheConfig
@@ -102,6 +103,8 @@ class ModelRunner:
         if not plan.n_segments:
             return torch.zeros(0), layout.counters()
         inner = self.model.model
+        if isinstance(x, np.ndarray) and not x.flags.writeable:  # token ids out of Ray's object store are read-only
+            x = x.copy()
         x = torch.as_tensor(x).to(self.device)
         hidden = inner.embed_tokens(x[None]) if self.first else x[None].to(self.dtype)
         positions = torch.from_numpy(plan.positions).to(self.device)[None]

@@ -12,6 +12,8 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from icecache_ray.engine.stats import StepStats
+
 _IDS = itertools.count()
 
 
@@ -24,18 +26,12 @@ class SeqStatus(enum.Enum):
 
 
 @dataclass
-class SeqStats:
-    """Counters of one request. Times of a step (select / load / attend) are the step's, shared
-    with the sequences decoding beside it; pages are this sequence's own."""
+class SeqStats(StepStats):
+    """Counters of one request: the :class:`StepStats` fields summed over its decode steps (times
+    of a step — select / load / attend — are the step's, shared with the sequences decoding beside
+    it; pages are this sequence's own), and when it was submitted, admitted, first answered, done."""
 
     decode_steps: int = 0
-    select_ms: float = 0.0
-    load_ms: float = 0.0
-    attend_ms: float = 0.0
-    pages_selected: int = 0
-    pages_loaded: int = 0
-    pages_hit: int = 0
-    bytes_loaded: int = 0
     submitted_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None
     first_token_at: float | None = None
@@ -53,7 +49,7 @@ class SeqStats:
             "attend_ms_per_step": self.attend_ms / n,
             "pages_loaded": self.pages_loaded,
             "bytes_loaded": self.bytes_loaded,
-            "hit_rate": self.pages_hit / self.pages_selected if self.pages_selected else 1.0,
+            "hit_rate": self.hit_rate,
             "queue_s": start - self.submitted_at,
             "wall_s": end - start,
             "ttft_s": (self.first_token_at - start) if self.first_token_at is not None else None,

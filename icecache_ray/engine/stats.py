@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 
 @dataclass
@@ -29,29 +29,3 @@ class StepStats:
     def add(self, other: "StepStats") -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-
-@dataclass
-class RequestStats:
-    """StepStats aggregated over the decode steps of a request."""
-
-    steps: list[StepStats] = field(default_factory=list)
-
-    def total(self) -> StepStats:
-        out = StepStats()
-        for step in self.steps:
-            out.add(step)
-        return out
-
-    def summary(self) -> dict[str, float]:
-        total = self.total()
-        n = max(1, len(self.steps))
-        return {
-            "steps": len(self.steps),
-            "select_ms_per_step": total.select_ms / n,
-            "load_ms_per_step": total.load_ms / n,
-            "attend_ms_per_step": total.attend_ms / n,
-            "pages_loaded": total.pages_loaded,
-            "bytes_loaded": total.bytes_loaded,
-            "hit_rate": total.hit_rate,
-        }

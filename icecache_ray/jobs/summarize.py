@@ -6,6 +6,10 @@ in this process with ``--engine local``). Input: Parquet, JSONL or ``.txt`` file
 them. Output folder: Parquet parts (id, summary, token counts, truncated flag, timings, decode
 stats), ``errors.jsonl`` (documents that failed, with the reason) and ``run.json`` (options and
 totals). Re-running the same command skips documents already written (resume).
+
+Exit status: 0 every document summarized (or already done); 1 the job could not run (a bad option
+value, the model folder, Ray); 2 command-line usage; 3 some documents failed (the others are
+written; ``errors.jsonl`` says why); 4 nothing was summarized (no document found, or all failed).
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ from icecache_ray.jobs.prompts import DEFAULT_INSTRUCTION, chat_prompt
 from icecache_ray.serving_config import EngineConfig
 
 log = logging.getLogger("icecache_ray.jobs.summarize")
+
+EXIT_OK, EXIT_JOB_ERROR, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_NOTHING_SUMMARIZED = 0, 1, 2, 3, 4
+
+
+def exit_code(summary: dict) -> int:
+    """The job's exit status from its totals (see module docstring)."""
+    if summary["ok"] == 0 and summary["skipped_done"] == 0:
+        return EXIT_NOTHING_SUMMARIZED
+    return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,6 +81,18 @@ def check_args(args) -> tuple[IceCacheConfig, EngineConfig]:
     except ValueError as exc:
         raise SystemExit(f"--max-running/--max-step-tokens: {exc}") from None
     return config, engine
+
+
+def check_model(path):
+    """(folder, tokenizer) of ``--model`` (default: the bundled model), checked before any Ray
+    work: SystemExit saying what is wrong with the path."""
+    from icecache_ray.model import load_tokenizer, model_folder
+
+    try:
+        folder = model_folder(path)
+        return folder, load_tokenizer(folder)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"--model: {exc}") from None
 
 
 def prepare(docs, tokenizer, args, context: int, errors: list[dict]) -> list[dict]:
@@ -120,12 +145,11 @@ def generate_all(engine, items: list[dict], on_rows) -> None:
 
 def run(args) -> dict:
     """The whole job (see module docstring). Returns the run summary written to run.json."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from icecache_ray.model import ensure_local_model
+    from transformers import AutoConfig
 
     t0 = time.perf_counter()
     config, engine_cfg = check_args(args)
+    folder, tokenizer = check_model(args.model)
     out = OutputDir(args.output)
     docs, input_errors = read_documents(args.input, args.id_column, args.text_column)
     errors = [{"id": e.id, "source": e.source, "reason": e.reason} for e in input_errors]
@@ -136,8 +160,6 @@ def run(args) -> dict:
     done = out.done_ids()
     todo = [d for d in docs if d.id not in done]
     log.info("%d document(s): %d already done, %d to summarize; %d input error(s)", len(docs), len(docs) - len(todo), len(todo), len(errors))
-    folder = args.model or str(ensure_local_model())
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     items = prepare(todo, tokenizer, args, AutoConfig.from_pretrained(folder).max_position_embeddings, errors)
     out.write_errors(errors)  # input and prompt problems, known before any generation
     by_id = {it["id"]: it for it in items}
@@ -178,6 +200,7 @@ def run(args) -> dict:
         "wall_s": time.perf_counter() - t0,
         "output": str(out.path),
     }
+    summary["exit_code"] = exit_code(summary)
     out.write_run(summary)
     return summary
 
@@ -191,10 +214,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     summary = run(args)
-    log.info("done: %d ok, %d failed, %d already done, %d truncated in %.1f s -> %s",
-             summary["ok"], summary["failed"], summary["skipped_done"], summary["truncated"], summary["wall_s"], summary["output"])
+    code = summary["exit_code"]
+    outcome = {EXIT_OK: "done", EXIT_SOME_FAILED: "done with failures", EXIT_NOTHING_SUMMARIZED: "nothing summarized"}[code]
+    log.log(logging.INFO if code == EXIT_OK else logging.ERROR,
+            "%s: %d ok, %d failed (see errors.jsonl), %d already done, %d truncated in %.1f s -> %s (exit %d)", outcome,
+            summary["ok"], summary["failed"], summary["skipped_done"], summary["truncated"], summary["wall_s"], summary["output"], code)
     print(summary["output"])  # the CLI's result: where the summaries are
-    return 0
+    return code
 
 
 if __name__ == "__main__":

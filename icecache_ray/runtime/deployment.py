@@ -244,16 +244,13 @@ class Deployment:
 def load_model_config(model_path):
     """(model config, tokenizer or None) on the driver, without loading weights; FileNotFoundError
     naming the path when it is not a saved model."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
-    from icecache_ray.model import ensure_local_model
+    from icecache_ray.model import load_tokenizer, model_folder
 
-    folder = ensure_local_model() if model_path is None else model_path
-    if not os.path.isdir(folder) or not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist or holds no config.json")
+    folder = model_folder(model_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError):
-        tokenizer = None
+        tokenizer = load_tokenizer(folder)
+    except ValueError:
+        tokenizer = None  # token ids in, token ids out: a deployment can serve a model without one
     return AutoConfig.from_pretrained(folder), tokenizer
-

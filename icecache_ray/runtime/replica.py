@@ -106,7 +106,7 @@ class Replica:
 
     def __init__(self, ray, deployment, index: int, rows: int) -> None:
         self.ray, self.index = ray, index
-        layout, dep, ice = deployment.layout, deployment.config, deployment.ice
+        layout, dep = deployment.layout, deployment.config
         self.stages: list[dict] = []
         self.pgs: list = []
         try:

@@ -6,19 +6,17 @@ icecache_ray.eval longgen --lengths 4096 --new-tokens 512 --seed 0`` (experiment
 """
 import time
 
-from transformers import DynamicCache
 
 from icecache_ray.config import IceCacheConfig
-from icecache_ray.engine.cache import IceCache
-from icecache_ray.engine.generate import generate
-from icecache_ray.eval.tasks import _teacher_forced_nll
+from icecache_ray.engine.generate import SharedPrefill
 from icecache_ray.haystack import essay_prompt_ids
 from icecache_ray.model import load_model
 
 model, tok = load_model()
 prompt = essay_prompt_ids(tok, 4096, seed=0)
-ref = generate(model, prompt, IceCacheConfig(policy="full"), max_new_tokens=512).token_ids
-full = _teacher_forced_nll(model, prompt, ref, DynamicCache(config=model.config))
+shared = SharedPrefill(model, prompt[0].tolist())  # one dense prefill for every variant
+ref = shared.generate(IceCacheConfig(policy="full"), 512).token_ids
+full = shared.nll(IceCacheConfig(policy="full"), ref)
 full_mean = sum(full) / len(full)
 print("full", full_mean, flush=True)
 variants = {
@@ -31,11 +29,6 @@ variants = {
 }
 for name, cfg in variants.items():
     t0 = time.time()
-    cache = IceCache(model, cfg)
-    try:
-        nll = _teacher_forced_nll(model, prompt, ref, cache)
-    finally:
-        cache.close()
-        model.set_attn_implementation("sdpa")
+    nll = shared.nll(cfg, ref)
     mean = sum(nll) / len(nll)
     print(f"{name}: nll {mean:.4f} ratio {mean / full_mean:.4f} ({time.time() - t0:.0f} s)", flush=True)

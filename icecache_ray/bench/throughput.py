@@ -1,0 +1,219 @@
+"""Batched decode throughput at long context on the engine: policies x max_running, local and Ray.
+
+``python -m icecache_ray.bench.throughput --json OUT`` (``--quick``: the CI smoke run, same code)
+
+Documents are summarization prompts cut from ``../shared/data/longdocs`` (7-8k tokens by default).
+Two phases, in one run so that ratios compare like with like:
+
+* **steady state** (``--max-running`` list): for each policy and each batch size B, B documents
+  are dense-prefilled once (shared by every policy, :class:`SharedPrefill`) and loaded into a
+  local engine of B rows; then every step decodes all B rows (no prefill, no EOS). Reported: the
+  median step time, decode tokens/s (B / step), select ms per step, device KV bytes per sequence
+  and peak host memory (PSS). Transformers' own decode with its ``DynamicCache`` over the same
+  K/V (cut to the batch's shortest prompt, as it needs equal lengths) is the reference row.
+* **end to end** (``--e2e-running`` B): every document is queued at once, the engine admits B at
+  a time, chunked prefill interleaved with decode, ``--new-tokens`` each (EOS ignored, so every
+  policy does the same work); on the local engine for each policy and on the Ray engine (one
+  stage worker + one index actor) for icecache. Reported: documents/hour, prefill tokens/s
+  (prompt tokens over the time of the steps that carried prefill chunks), steady decode tokens/s
+  and select share (steps where all B rows decode and nothing prefills), and each document's
+  tokens. ``tokens_identical``: a document that joined the running batch mid-flight gives the
+  same greedy tokens alone, in the local batch and on the Ray engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from icecache_ray.report import emit_json, json_path, positive_ints, short_gomp_spin
+
+# libgomp reads it when torch loads (the local engine's background index thread needs the cores
+# idle torch threads would spin on; as in bench.speed).
+_SPIN_IN_EFFECT = short_gomp_spin()
+
+import torch  # noqa: E402
+
+from icecache_ray.bench.throughput_runs import e2e_local, e2e_ray, steady_hf, steady_local  # noqa: E402
+from icecache_ray.config import IceCacheConfig  # noqa: E402
+from icecache_ray.serving_config import EngineConfig  # noqa: E402
+
+log = logging.getLogger("icecache_ray.bench.throughput")
+
+FULL_DEFAULTS = dict(docs=16, min_tokens=7000, max_tokens=8000, new_tokens=128, max_running="1,4,8,16", e2e_running=8, steps=16)
+QUICK_DEFAULTS = dict(docs=4, min_tokens=1800, max_tokens=2200, new_tokens=32, max_running="1,4", e2e_running=4, steps=8)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m icecache_ray.bench.throughput", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="CI smoke run: 4 documents of ~2k tokens, 32 new tokens, B 1 and 4")
+    p.add_argument("--docs", type=int, help="documents in the end-to-end runs (16; quick 4)")
+    p.add_argument("--min-tokens", type=int, help="shortest prompt (7000; quick 1800)")
+    p.add_argument("--max-tokens", type=int, help="longest prompt (8000; quick 2200)")
+    p.add_argument("--new-tokens", type=int, help="tokens generated per document end to end (128; quick 32)")
+    p.add_argument("--max-running", help="batch sizes of the steady-state phase (1,4,8,16; quick 1,4)")
+    p.add_argument("--e2e-running", type=int, help="max_running of the end-to-end runs (8; quick 4)")
+    p.add_argument("--steps", type=int, help="timed steady-state steps per configuration (16; quick 8)")
+    p.add_argument("--warmup", type=int, default=3, help="steady-state steps left out of the timings")
+    p.add_argument("--budget", type=int, default=256, help="token budget of quest and icecache")
+    p.add_argument("--max-step-tokens", type=int, default=2048, help="the engine's per-step token budget")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the Ray run stays on CPU workers; use --skip-ray there)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (driver and Ray stage worker)")
+    p.add_argument("--policies", default="full,quest,icecache", help="policies to measure (comma separated)")
+    p.add_argument("--select-threads", default="1",
+                   help="threads of one batched selection; several values add steady-state rows (the first is used end to end)")
+    p.add_argument("--skip-ray", action="store_true", help="leave out the Ray engine run")
+    p.add_argument("--skip-hf", action="store_true", help="leave out the transformers DynamicCache reference")
+    p.add_argument("--skip-e2e", action="store_true", help="steady-state phase only")
+    p.add_argument("--json", default=None, type=json_path)
+    args = p.parse_args(argv)
+    for key, value in (QUICK_DEFAULTS if args.quick else FULL_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        args.batches = positive_ints(args.max_running, "max-running")
+        args.thread_counts = positive_ints(args.select_threads, "select-threads")
+        args.policy_names = [x.strip() for x in args.policies.split(",") if x.strip()]
+        unknown = sorted(set(args.policy_names) - {"full", "quest", "icecache"})
+        if unknown or not args.policy_names:
+            raise ValueError(f"--policies={args.policies!r}: choose from full, quest, icecache")
+        IceCacheConfig(budget=args.budget)
+        EngineConfig(max_running=args.e2e_running, max_step_tokens=args.max_step_tokens)
+    except ValueError as err:
+        p.error(str(err))
+    for name, least in (("docs", 1), ("min_tokens", 64), ("new_tokens", 2), ("steps", 1), ("warmup", 0), ("threads", 1)):
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    if args.max_tokens < args.min_tokens:
+        p.error(f"--max-tokens={args.max_tokens} is below --min-tokens={args.min_tokens}")
+    if max(args.batches) > args.docs:
+        p.error(f"--max-running {max(args.batches)} needs at least that many documents (--docs={args.docs})")
+    return args
+
+
+def policies(budget: int, names=("full", "quest", "icecache")) -> dict[str, IceCacheConfig]:
+    every = {"full": ("full", IceCacheConfig(policy="full")), "quest": (f"quest@{budget}", IceCacheConfig(policy="quest", budget=budget)),
+             "icecache": (f"icecache@{budget}", IceCacheConfig(budget=budget))}
+    return dict(every[n] for n in every if n in names)
+
+
+# ---------------------------------------------------------------------------- the run
+def run(args) -> dict:
+    from icecache_ray.bench.workloads import long_documents
+    from icecache_ray.model import load_model
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model()
+    model.to(args.device)
+    docs = long_documents(tokenizer, args.docs, args.min_tokens, args.max_tokens)
+    configs = policies(args.budget, args.policy_names)
+    rows: list[dict] = []
+    hf_prefill_s = _steady_phase(model, docs, configs, rows, args)
+    e2e_b = args.e2e_running
+    if not args.skip_e2e:
+        for name, ice in configs.items():
+            log.info("end to end: %s, local engine, %d rows, %d documents", name, e2e_b, len(docs))
+            rows.append(e2e_local(model, docs, name, ice, e2e_b, args))
+        ice_name = f"icecache@{args.budget}"
+        if ice_name not in configs:
+            return _result(args, docs, hf_prefill_s, rows)
+        if not args.skip_ray:
+            log.info("end to end: %s, Ray engine, %d rows", ice_name, e2e_b)
+            rows.append(e2e_ray(docs, ice_name, configs[ice_name], e2e_b, args))
+        joined = min(e2e_b, len(docs) - 1)  # the first document that had to wait for a free row
+        log.info("alone: document %d, %s, local engine of one row", joined, ice_name)
+        rows.append(e2e_local(model, [docs[joined]], ice_name, configs[ice_name], 1, args) | {"phase": "alone", "doc": joined})
+    return _result(args, docs, hf_prefill_s, rows)
+
+
+def _result(args, docs, hf_prefill_s, rows) -> dict:
+    for row in rows:
+        log.info("%s", _line(row))
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} torch threads)"
+    return {"date": time.strftime("%Y-%m-%d"), "device": device,
+            "model": "SmolLM2-135M-Instruct", "gomp_spincount": _SPIN_IN_EFFECT, "quick": args.quick, "budget": args.budget, "new_tokens": args.new_tokens,
+            "doc_tokens": [len(d) for d in docs], "hf_prefill_tok_s": hf_prefill_s, "rows": rows,
+            "summary": summarize(rows, args)}
+
+
+def _steady_phase(model, docs, configs, rows: list, args) -> float | None:
+    """Dense prefills shared by every steady configuration, then each policy x batch size."""
+    from icecache_ray.engine.generate import SharedPrefill
+
+    need = max(args.batches)
+    prefills, t0 = [], time.perf_counter()
+    for i, ids in enumerate(docs[:need]):
+        log.info("dense prefill %d/%d (%d tokens)", i + 1, need, len(ids))
+        prefills.append(SharedPrefill(model, ids))
+    tok_s = sum(len(d) for d in docs[:need]) / (time.perf_counter() - t0)
+    for batch in args.batches:
+        for name, ice in configs.items():
+            for threads in args.thread_counts if ice.policy != "full" else args.thread_counts[:1]:
+                label = name if threads == args.thread_counts[0] else f"{name} select_threads={threads}"
+                log.info("steady state: %s, %d rows", label, batch)
+                rows.append(steady_local(model, prefills, label, ice, batch, args, threads))
+        if not args.skip_hf:
+            log.info("steady state: transformers DynamicCache, batch %d", batch)
+            rows.append(steady_hf(model, prefills, batch, args))
+    return tok_s
+
+
+def _line(row: dict) -> str:
+    tok_s = row.get("decode_tok_s")
+    return (f"{row['phase']:6s} {row['config']:16s} {row['engine']:12s} B={row['max_running']:<2d} "
+            f"decode {tok_s or float('nan'):.1f} tok/s" + (f", {row['docs_per_hour']:.0f} docs/h" if "docs_per_hour" in row else ""))
+
+
+def _find(rows, phase, config, engine, batch):
+    for row in rows:
+        if (row["phase"], row["config"], row["engine"], row["max_running"]) == (phase, config, engine, batch):
+            return row
+    return None
+
+
+def _ratio(a, b, key):
+    if a is None or b is None or not a.get(key) or not b.get(key):
+        return None
+    return a[key] / b[key]
+
+
+def summarize(rows: list[dict], args) -> dict:
+    """The ratios of the issue's contract, at the end-to-end batch size B (8; quick 4)."""
+    b, ice = args.e2e_running, f"icecache@{args.budget}"
+    steady = {(r["config"], r["max_running"]): r for r in rows if r["phase"] == "steady"}
+    local, full_e2e = _find(rows, "e2e", ice, "local", b), _find(rows, "e2e", "full", "local", b)
+    ray = _find(rows, "e2e", ice, "ray", b)
+    alone = next((r for r in rows if r["phase"] == "alone"), None)
+    out = {
+        f"decode_speedup_icecache_vs_full_b{b}": _ratio(steady.get((ice, b)), steady.get(("full", b)), "decode_tok_s"),
+        f"decode_scaling_icecache_b{b}_vs_b1": _ratio(steady.get((ice, b)), steady.get((ice, 1)), "decode_tok_s"),
+        f"decode_speedup_quest_vs_full_b{b}": _ratio(steady.get((f"quest@{args.budget}", b)), steady.get(("full", b)), "decode_tok_s"),
+        f"decode_speedup_icecache_vs_hf_b{b}": _ratio(steady.get((ice, b)), steady.get(("hf_dynamic_cache", b)), "decode_tok_s"),
+        f"e2e_speedup_icecache_vs_full_b{b}": _ratio(local, full_e2e, "docs_per_hour"),
+        f"ray_vs_local_decode_b{b}": _ratio(ray, local, "decode_tok_s"),
+        f"select_frac_ray_b{b}": ray["select_frac"] if ray else None,
+        f"select_frac_local_b{b}": local["select_frac"] if local else None,
+        "tokens_identical": None,
+    }
+    if alone is not None and local is not None:
+        doc = alone["doc"]
+        variants = [alone["tokens"][0], local["tokens"][doc]] + ([ray["tokens"][doc]] if ray else [])
+        out["tokens_identical"] = all(v == variants[0] for v in variants)
+        out["tokens_identical_compared"] = ["alone", "local batch"] + (["ray batch"] if ray else [])
+        if ray:
+            out["ray_local_docs_identical"] = sum(a == r for a, r in zip(local["tokens"], ray["tokens"]))
+    return out
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = _parse(argv)
+    result = run(args)
+    emit_json(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
