@@ -217,8 +217,9 @@ def main(argv=None) -> int:
     code = summary["exit_code"]
     outcome = {EXIT_OK: "done", EXIT_SOME_FAILED: "done with failures", EXIT_NOTHING_SUMMARIZED: "nothing summarized"}[code]
     log.log(logging.INFO if code == EXIT_OK else logging.ERROR,
-            "%s: %d ok, %d failed (see errors.jsonl), %d already done, %d truncated in %.1f s -> %s (exit %d)", outcome,
-            summary["ok"], summary["failed"], summary["skipped_done"], summary["truncated"], summary["wall_s"], summary["output"], code)
+            "%s: %d ok, %d failed%s, %d already done, %d truncated in %.1f s -> %s (exit %d)", outcome,
+            summary["ok"], summary["failed"], " (reasons in errors.jsonl)" if summary["failed"] else "", summary["skipped_done"],
+            summary["truncated"], summary["wall_s"], summary["output"], code)
     print(summary["output"])  # the CLI's result: where the summaries are
     return code
 
