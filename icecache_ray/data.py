@@ -26,6 +26,7 @@ of stopping the pipeline; ``postprocess`` sees them too.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import threading
 from dataclasses import dataclass, fields
@@ -201,6 +202,10 @@ class IceCacheEngineStage:
         self._closed = False
         self._thread = threading.Thread(target=self._step_until_closed, name="icecache-engine", daemon=True)
         self._thread.start()
+        # Ray Data ends its actors without a call of ours: free the engine's shared-memory pool
+        # when the process exits (a killed actor leaves its icr_ segment; Deployment-style sweeps
+        # of /dev/shm are what catch those)
+        atexit.register(self.close)
 
     def _step_until_closed(self) -> None:
         while not self._closed:
@@ -262,8 +267,18 @@ class IceCacheEngineStage:
             cols["truncated"].append(False if isinstance(res, str) else bool(res.truncated))
         return {c: _object_column(v) if c in ("error", "generated_ids") else np.asarray(v) for c, v in cols.items()}
 
-    def __del__(self) -> None:
+    def close(self) -> None:
+        """Stop stepping and free the engine's rows, stores and pool (idempotent)."""
         self._closed = True
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)  # the stepping thread reads self.engine until it sees _closed
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _resolve(future: asyncio.Future, seq) -> None:
