@@ -142,6 +142,16 @@ def remove_segment(name: str) -> bool:
     is being restarted). Returns whether one existed. Processes still mapping it keep their view."""
     _check_name(name, "remove_segment")
     try:
+        import _posixshmem  # SharedMemory.unlink would also unregister a name this process never
+    except ImportError:  # registered, and the resource tracker prints a KeyError for it
+        _posixshmem = None
+    if _posixshmem is not None:
+        try:
+            _posixshmem.shm_unlink("/" + name)
+        except FileNotFoundError:
+            return False
+        return True
+    try:
         shm = _open_untracked(name)
     except FileNotFoundError:
         return False
@@ -149,6 +159,28 @@ def remove_segment(name: str) -> bool:
         shm.unlink()
     finally:
         shm.close()
+    return True
+
+
+def remove_orphaned_segments(prefix: str = PREFIX) -> list[str]:
+    """Unlink the pools (``icr_<pid>_<hex>``, among those starting with ``prefix``) whose creating process no longer runs on this
+    node: what a SIGKILLed owner (an engine actor killed or OOM-killed) could not unlink. Returns
+    their names. A pid reused by a new process keeps its segment (conservative)."""
+    removed = []
+    for name in list_leaked_segments(prefix):
+        pid = name[len(PREFIX):].split("_", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)) and remove_segment(name):
+            removed.append(name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
     return True
 
 

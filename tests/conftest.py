@@ -54,3 +54,21 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def never_eos_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model whose tokenizer's EOS is a token outside the model's vocabulary: it never
+    stops early, so every document decodes ``max_new_tokens`` steps (fault tests need runs that
+    last long enough to be interrupted; the tiny model otherwise often ends after one token)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("never-eos-model")
+    for f in tiny_model_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_special_tokens({"eos_token": "<|never|>"})
+    tok.save_pretrained(folder)
+    return folder

@@ -49,3 +49,49 @@ def test_processor_generates_like_generate_batch_and_keeps_bad_rows(local_ray, t
         assert out[f"d{i}"]["error"] is None and out[f"d{i}"]["ids"] == res.token_ids
     assert "no non-empty 'prompt_ids', 'messages' or 'prompt'" in out["empty"]["error"]
     assert "token 1 is 1000000" in out["bad_ids"]["error"]
+
+
+class _Handle:
+    """A stand-in for an actor handle over a plain object: ``handle.method.remote(...)`` awaitable."""
+
+    def __init__(self, target):
+        self._target = target
+
+    def __getattr__(self, name):
+        method = getattr(self._target, name)
+
+        class _Method:
+            @staticmethod
+            def remote(*args):
+                import asyncio
+
+                future = asyncio.get_running_loop().create_future()
+                future.set_result(method(*args))
+                return future
+
+        return _Method
+
+
+def test_a_batch_whose_replica_died_max_attempts_times_comes_back_as_errors(tiny_model_dir):
+    """The stage's retry limit, in one process: Ray Data resubmits a dead actor's batches forever."""
+    import asyncio
+
+    from icecache_ray.data import IceCacheEngineStage
+    from icecache_ray.data.attempts import Attempts, batch_key
+    from icecache_ray.data.columns import object_column
+
+    config = IceCacheEngineProcessorConfig(model_source=str(tiny_model_dir), budget=64, max_new_tokens=3, max_running=2)
+    ledger = Attempts()
+    stage = IceCacheEngineStage(config, attempts=_Handle(ledger))
+    try:
+        batch = {"id": object_column(["a", "b"]), "prompt_ids": object_column([[5, 6, 7, 8], [9, 10, 11]])}
+        first = asyncio.run(stage(batch))
+        assert list(first["error"]) == [None, None] and all(n > 0 for n in first["generated_tokens"])
+        assert ledger.in_flight() == 0  # returned rows: forgotten
+        key = batch_key(batch)
+        ledger.begin(key), ledger.begin(key)  # two attempts of this batch died with their replica
+        third = asyncio.run(stage(batch))
+        assert all("died 2 time(s)" in e for e in third["error"]) and list(third["generated_tokens"]) == [0, 0]
+        assert ledger.in_flight() == 0
+    finally:
+        stage.close()

@@ -23,7 +23,7 @@ def _doc(i: int, words: int = 120) -> str:
 def _args(tiny_model_dir, inputs, out, *extra):
     return [
         "--input", *map(str, inputs), "--output", str(out), "--model", str(tiny_model_dir),
-        "--engine", "local", "--budget", "64", "--max-new-tokens", "6", "--threads", "1", *extra,
+        "--engine", "local", "--budget", "64", "--max-new-tokens", "6", "--threads", "1", "--part-rows", "2", *extra,
     ]
 
 
@@ -149,7 +149,7 @@ def test_ray_engine_replicas_summarize_like_the_local_engine(tiny_model_dir, tmp
 
     ray_utils.connect(num_cpus=2, object_store_memory=80 * 1024**2)
     try:
-        assert main(args + ["--replicas", "2"]) == 0
+        assert main(args + ["--replicas", "2", "--batch-size", "1"]) == 0
     finally:
         ray.shutdown()
     local = {r["id"]: r["summary"] for r in OutputDir(tmp_path / "local").read_all().to_pylist()}

@@ -449,3 +449,28 @@ def test_module_imports_neither_torch_nor_ray():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_segments_of_killed_owners_are_swept_and_live_ones_kept():
+    import signal
+    import subprocess
+    import sys
+
+    from icecache_ray.pool import list_leaked_segments, remove_orphaned_segments
+
+    code = ("from icecache_ray.pool import PagePool, PoolLayout; import sys, time; "
+            "p = PagePool.create(PoolLayout(capacity_pages=2, page_size=4, head_dim=8)); print(p.name, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        name = proc.stdout.readline().strip()
+        prefix = f"icr_{proc.pid}_"
+        assert name.startswith(prefix)
+        assert remove_orphaned_segments(prefix) == []  # its owner still runs
+        proc.send_signal(signal.SIGKILL)  # no cleanup at all: the segment stays behind
+        proc.wait()
+        assert list_leaked_segments(prefix) == [name]
+        assert remove_orphaned_segments(prefix) == [name]
+        assert list_leaked_segments(prefix) == []
+    finally:
+        proc.kill()
+        proc.wait()

@@ -55,6 +55,18 @@ class SeqStats(StepStats):
             "ttft_s": (self.first_token_at - start) if self.first_token_at is not None else None,
         }
 
+    def columns(self) -> dict:
+        """:meth:`summary` as flat output columns (the job's Parquet parts, the Ray Data processor's
+        rows): every value a plain number, ``ttft_s`` NaN when no token came."""
+        st = self.summary()
+        return {
+            "wall_s": float(st["wall_s"]), "queue_s": float(st["queue_s"]),
+            "ttft_s": float(st["ttft_s"]) if st["ttft_s"] is not None else float("nan"),
+            "decode_steps": int(st["steps"]),
+            **{k: float(st[k]) for k in ("select_ms_per_step", "load_ms_per_step", "attend_ms_per_step", "hit_rate")},
+            "pages_loaded": int(st["pages_loaded"]), "bytes_loaded": int(st["bytes_loaded"]),
+        }
+
 
 class Sequence:
     """A request: prompt, generated tokens, status, row, stats (see module docstring)."""

@@ -1,23 +1,31 @@
-"""Documents for batch jobs: Parquet, JSONL and ``.txt`` files, or folders of them (pyarrow only).
+"""Documents for batch jobs: Parquet, JSONL and ``.txt`` files, or folders of them, on local paths
+or any pyarrow filesystem URI (``s3://…``, ``gs://…``, ``file://…``).
 
-Every problem with one file or one row becomes an :class:`InputError` with a clear reason and the
-rest is still read: a missing path, an unsupported file type, a missing column, a row whose text is
-empty or not valid UTF-8, a duplicate id. Only "nothing readable at all" stops a job.
+Two steps, so that the Ray Data job can read files in parallel with the same code as the local
+job: :func:`list_sources` expands the inputs into files (metadata only, on the driver), and
+:func:`read_source` streams one file's documents (on a worker). Every problem with one file or one
+row becomes an :class:`InputError` with a clear reason and the rest is still read: a missing path,
+an empty folder, an unsupported file type, a missing column, a row whose text is empty or not
+valid UTF-8, a duplicate id. Only "nothing readable at all" stops a job.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".parquet", ".jsonl", ".txt")
+PARQUET_BATCH_ROWS = 1024  # rows decoded at a time: a worker holds one such batch of texts, not the file
 
 
 @dataclass(frozen=True)
@@ -34,48 +42,80 @@ class InputError:
     reason: str
 
 
-def read_documents(paths: list[str], id_column: str = "id", text_column: str = "text") -> tuple[list[Document], list[InputError]]:
-    """All documents under ``paths`` (files or folders, folders read in name order), first
-    occurrence of an id wins. Returns (documents, errors)."""
-    docs: list[Document] = []
+def read_documents(files: list[str], id_column: str = "id", text_column: str = "text") -> tuple[list[Document], list[InputError]]:
+    """All documents of ``files`` (from :func:`list_sources`) in order, first occurrence of an id
+    wins. Returns (documents, row and file errors)."""
     errors: list[InputError] = []
+    docs: list[Document] = []
     seen: set[str] = set()
-    for item in _expand(paths, errors):
-        for got in _read_file(item, id_column, text_column):
-            if isinstance(got, InputError):
-                errors.append(got)
-            elif got.id in seen:
-                errors.append(InputError(got.source, got.id, f"duplicate id {got.id!r}: only its first occurrence is used"))
-            else:
-                seen.add(got.id)
-                docs.append(got)
+    for source in files:
+        for got in unique(read_source(source, id_column, text_column), seen):
+            (errors if isinstance(got, InputError) else docs).append(got)
     return docs, errors
 
 
-def _expand(paths: list[str], errors: list[InputError]) -> Iterator[Path]:
+def list_sources(paths: Iterable[str]) -> tuple[list[str], list[InputError]]:
+    """The files named by ``paths`` (a folder: its files in name order, hidden ones skipped), as
+    strings :func:`read_source` opens. Returns (files, errors for missing paths / empty folders)."""
+    files: list[str] = []
+    errors: list[InputError] = []
     for raw in paths:
-        path = Path(raw).expanduser()
-        if not path.exists():
-            errors.append(InputError(str(path), None, "path does not exist"))
-        elif path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-            if not files:
-                errors.append(InputError(str(path), None, "folder holds no files"))
-            yield from files
+        try:
+            fs, path, prefix = _resolve(str(raw))
+            info = fs.get_file_info(path)
+        except (OSError, ValueError) as exc:  # unknown scheme, no credentials, unreachable store
+            errors.append(InputError(str(raw), None, f"cannot open: {exc}"))
+            continue
+        if info.type == pafs.FileType.NotFound:
+            errors.append(InputError(str(raw), None, "path does not exist"))
+        elif info.type == pafs.FileType.Directory:
+            found = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path))
+                           if i.type == pafs.FileType.File and not i.base_name.startswith("."))
+            if not found:
+                errors.append(InputError(str(raw), None, "folder holds no files"))
+            files += [prefix + p for p in found]
         else:
-            yield path
+            files.append(prefix + path)
+    return files, errors
 
 
-def _read_file(path: Path, id_column: str, text_column: str) -> Iterator[Document | InputError]:
-    suffix = path.suffix.lower()
+def unique(items: Iterable[Document | InputError], seen: set[str]) -> Iterator[Document | InputError]:
+    """``items`` with every repeat of an id in ``seen`` (updated) turned into an error."""
+    for got in items:
+        if isinstance(got, Document):
+            if got.id in seen:
+                got = InputError(got.source, got.id, f"duplicate id {got.id!r}: only its first occurrence is used")
+            else:
+                seen.add(got.id)
+        yield got
+
+
+def read_source(source: str, id_column: str = "id", text_column: str = "text") -> Iterator[Document | InputError]:
+    """One file's documents and row errors, streamed (a file that cannot be read: one error)."""
+    suffix = os.path.splitext(source)[1].lower()
     if suffix not in SUFFIXES:
-        yield InputError(str(path), None, f"unsupported file type {suffix or '(none)'!r}: expected one of {list(SUFFIXES)}")
-    elif suffix == ".txt":
-        yield _read_txt(path)
-    elif suffix == ".jsonl":
-        yield from _read_jsonl(path, id_column, text_column)
-    else:
-        yield from _read_parquet(path, id_column, text_column)
+        yield InputError(source, None, f"unsupported file type {suffix or '(none)'!r}: expected one of {list(SUFFIXES)}")
+        return
+    try:
+        fs, path, _ = _resolve(source)
+        if suffix == ".txt":
+            with fs.open_input_stream(path) as fh:
+                yield _checked(source, os.path.splitext(os.path.basename(path))[0], fh.read())
+        elif suffix == ".jsonl":
+            yield from _read_jsonl(fs, path, source, id_column, text_column)
+        else:
+            yield from _read_parquet(fs, path, source, id_column, text_column)
+    except (OSError, pa.ArrowException) as exc:  # vanished, unreadable, corrupt mid-file, a store failing
+        yield InputError(source, None, f"cannot read: {exc}")
+
+
+def _resolve(raw: str) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path inside it, prefix that turns such a path back into ``raw``'s form)."""
+    if "://" in raw:
+        fs, path = pafs.FileSystem.from_uri(raw)
+        scheme = raw.split("://", 1)[0]
+        return fs, path, f"{scheme}://"
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(raw)), ""
 
 
 def _checked(source: str, doc_id, text) -> Document | InputError:
@@ -94,41 +134,42 @@ def _checked(source: str, doc_id, text) -> Document | InputError:
     return Document(doc_id, text, source)
 
 
-def _read_txt(path: Path) -> Document | InputError:
-    return _checked(str(path), path.stem, path.read_bytes())
+def _read_jsonl(fs, path: str, source: str, id_column: str, text_column: str) -> Iterator[Document | InputError]:
+    with fs.open_input_stream(path) as raw:
+        for number, line in enumerate(io.BufferedReader(raw), start=1):
+            where = f"{source}:{number}"
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield InputError(where, None, f"line is not valid UTF-8 (byte {exc.start})")
+                continue
+            except json.JSONDecodeError as exc:
+                yield InputError(where, None, f"not valid JSON: {exc.msg}")
+                continue
+            if not isinstance(row, dict):
+                yield InputError(where, None, "a JSONL row must be an object")
+            elif text_column not in row or id_column not in row:
+                missing = [c for c in (id_column, text_column) if c not in row]
+                yield InputError(where, None, f"missing column(s) {missing}; present: {sorted(row)}")
+            else:
+                yield _checked(where, row[id_column], row[text_column])
 
 
-def _read_jsonl(path: Path, id_column: str, text_column: str) -> Iterator[Document | InputError]:
-    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
-        source = f"{path}:{number}"
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            yield InputError(source, None, f"line is not valid UTF-8 (byte {exc.start})")
-            continue
-        except json.JSONDecodeError as exc:
-            yield InputError(source, None, f"not valid JSON: {exc.msg}")
-            continue
-        if not isinstance(row, dict):
-            yield InputError(source, None, "a JSONL row must be an object")
-        elif text_column not in row or id_column not in row:
-            missing = [c for c in (id_column, text_column) if c not in row]
-            yield InputError(source, None, f"missing column(s) {missing}; present: {sorted(row)}")
-        else:
-            yield _checked(source, row[id_column], row[text_column])
-
-
-def _read_parquet(path: Path, id_column: str, text_column: str) -> Iterator[Document | InputError]:
+def _read_parquet(fs, path: str, source: str, id_column: str, text_column: str) -> Iterator[Document | InputError]:
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(fs.open_input_file(path))
     except Exception as exc:  # pyarrow raises several types for corrupt or non-Parquet files
-        yield InputError(str(path), None, f"cannot read as Parquet: {exc}")
+        yield InputError(source, None, f"cannot read as Parquet: {exc}")
         return
-    missing = [c for c in (id_column, text_column) if c not in table.column_names]
+    names = parquet.schema_arrow.names
+    missing = [c for c in (id_column, text_column) if c not in names]
     if missing:
-        yield InputError(str(path), None, f"missing column(s) {missing}; present: {table.column_names}")
+        yield InputError(source, None, f"missing column(s) {missing}; present: {names}")
         return
-    for number, (doc_id, text) in enumerate(zip(table[id_column].to_pylist(), table[text_column].to_pylist())):
-        yield _checked(f"{path}[{number}]", doc_id, text)
+    number = 0
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[id_column, text_column]):
+        for doc_id, text in zip(batch.column(id_column).to_pylist(), batch.column(text_column).to_pylist()):
+            yield _checked(f"{source}[{number}]", doc_id, text)
+            number += 1

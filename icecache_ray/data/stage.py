@@ -1,0 +1,156 @@
+"""The generate stage of the Ray Data pipelines: one engine replica per Ray Data actor."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import threading
+
+import numpy as np
+
+from icecache_ray.data.attempts import batch_key
+from icecache_ray.data.columns import batch_len, error_of, object_column
+
+log = logging.getLogger(__name__)
+
+STAT_COLUMNS = ("wall_s", "queue_s", "ttft_s", "decode_steps", "select_ms_per_step", "load_ms_per_step",
+                "attend_ms_per_step", "pages_loaded", "bytes_loaded", "hit_rate")
+OUTPUT_COLUMNS = ("generated_text", "generated_ids", "generated_tokens", "prompt_tokens", "truncated", "error", *STAT_COLUMNS)
+
+
+class IceCacheEngineStage:
+    """One engine replica in a Ray Data actor: a background thread steps the engine while
+    ``__call__`` (async, several batches at once) queues a batch's rows and awaits them.
+
+    ``attempts``: an :class:`~icecache_ray.data.attempts.Attempts` actor; a batch on an attempt past
+    ``config.max_attempts`` (its replica died that often) returns error rows without generating.
+    """
+
+    def __init__(self, config, attempts=None) -> None:
+        import torch
+
+        from icecache_ray.engine.local import LocalEngine
+        from icecache_ray.model import load_model
+        from icecache_ray.pool import remove_orphaned_segments
+
+        torch.set_num_threads(config.threads)
+        for name in remove_orphaned_segments():  # e.g. the pool of this actor's killed predecessor
+            log.warning("removed shared-memory segment %s of a process that is gone", name)
+        self.config, self.attempts = config, attempts
+        self.model, self.tokenizer = load_model(config.model_source)
+        if config.num_gpus > 0 and torch.cuda.is_available():
+            self.model.to("cuda")
+        self.engine = LocalEngine(self.model, config.ice_config(), config.engine_config())
+        self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._wake = threading.Event()
+        self._closed = False
+        self.peak_in_flight = 0
+        self._thread = threading.Thread(target=self._step_until_closed, name="icecache-engine", daemon=True)
+        self._thread.start()
+        # Ray Data ends its actors without a call of ours: free the engine's shared-memory pool
+        # when the process exits (a killed actor leaves its icr_ segment; Deployment-style sweeps
+        # of /dev/shm are what catch those)
+        atexit.register(self.close)
+
+    def _step_until_closed(self) -> None:
+        while not self._closed:
+            if not self.engine.has_work:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                ended = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - an engine failure becomes every waiting row's error
+                log.exception("engine step failed")
+                ended = self.engine.fail(f"engine step failed: {type(exc).__name__}: {exc}")
+            for seq in ended:
+                loop, future = self._waiters.pop(seq.seq_id, (None, None))
+                if future is not None:
+                    loop.call_soon_threadsafe(_resolve, future, seq)
+
+    async def __call__(self, batch: dict) -> dict:
+        key = batch_key(batch) if self.attempts is not None else None
+        attempt = await self.attempts.begin.remote(key) if key is not None else 1
+        try:
+            if attempt > self.config.max_attempts:
+                why = (f"not generated: the replica running it died {attempt - 1} time(s) "
+                       f"(max_attempts={self.config.max_attempts})")
+                log.error("batch of %d row(s): %s", batch_len(batch), why)
+                results = [error_of(batch, i) or why for i in range(batch_len(batch))]
+            else:
+                results = await self._generate(batch)
+        finally:
+            if key is not None:
+                self.attempts.end.remote(key)
+        return {**{k: v for k, v in batch.items() if k != "error"}, **self._columns(results)}
+
+    async def _generate(self, batch: dict) -> list:
+        """Each row's ended :class:`Sequence`, or the reason it was not generated."""
+        from icecache_ray.engine.generate import prepare_prompt
+        from icecache_ray.engine.sequence import Sequence
+
+        loop = asyncio.get_running_loop()
+        pending: list = []
+        for i in range(batch_len(batch)):
+            earlier = error_of(batch, i)
+            if earlier:
+                pending.append(earlier)
+                continue
+            try:
+                ids, truncated = prepare_prompt(self.model.config, [int(t) for t in batch["prompt_ids"][i]],
+                                                self.config.max_new_tokens, self.config.truncate)
+            except ValueError as exc:
+                pending.append(f"invalid prompt: {exc}")
+                continue
+            seq = Sequence(ids, self.config.max_new_tokens, self.tokenizer.eos_token_id, truncated)
+            future = loop.create_future()
+            self._waiters[seq.seq_id] = (loop, future)  # before add: the engine thread may finish it at once
+            try:
+                self.engine.add(seq)
+            except (ValueError, RuntimeError) as exc:  # refused (can never fit) or the engine is down
+                self._waiters.pop(seq.seq_id, None)
+                pending.append(str(exc))
+                continue
+            pending.append(future)
+            self._wake.set()
+        if len(self._waiters) > self.peak_in_flight:
+            self.peak_in_flight = len(self._waiters)
+            log.info("%d rows in flight in this replica (its engine runs up to %d at once)", self.peak_in_flight, self.engine.rows)
+        return [await p if isinstance(p, asyncio.Future) else p for p in pending]
+
+    def _columns(self, results: list) -> dict:
+        cols: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
+        for res in results:
+            failed = isinstance(res, str) or bool(res.error)
+            cols["error"].append(res if isinstance(res, str) else res.error)
+            cols["generated_ids"].append([] if failed else list(res.output))
+            cols["generated_text"].append("" if failed else self.tokenizer.decode(res.output, skip_special_tokens=True))
+            cols["generated_tokens"].append(0 if failed else len(res.output))
+            cols["prompt_tokens"].append(0 if isinstance(res, str) else res.prompt_len)
+            cols["truncated"].append(False if isinstance(res, str) else bool(res.truncated))
+            stats = _NO_STATS if isinstance(res, str) else res.stats.columns()
+            for c in STAT_COLUMNS:
+                cols[c].append(stats[c])
+        return {c: object_column(v) if c in ("error", "generated_ids") else np.asarray(v) for c, v in cols.items()}
+
+    def close(self) -> None:
+        """Stop stepping and free the engine's rows, stores and pool (idempotent)."""
+        self._closed = True
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)  # the stepping thread reads self.engine until it sees _closed
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+_NO_STATS = {c: (0 if c in ("decode_steps", "pages_loaded", "bytes_loaded") else float("nan")) for c in STAT_COLUMNS}
+
+
+def _resolve(future: asyncio.Future, seq) -> None:
+    if not future.done():
+        future.set_result(seq)

@@ -1,0 +1,74 @@
+"""Where a job's results go: Parquet parts (buffered, written whole), ``errors.jsonl``, counts and
+progress, and the rule that every document id is accounted for at most once.
+
+The same sink serves the local and the Ray Data job: rows arrive as documents end (in any order),
+are buffered up to ``part_rows`` rows or ``part_seconds`` seconds and written as one part; an id
+already written (by an earlier run or earlier in this one, e.g. repeated in two input files) is
+recorded as an error instead. A killed driver loses only its unwritten buffer: those documents
+are not in any part, so the re-run generates them again (resume), never twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from icecache_ray.jobs.outputs import OutputDir
+from icecache_ray.jobs.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+class ResultSink:
+    def __init__(self, out: OutputDir, done: set[str], progress: Progress, part_rows: int = 64,
+                 part_seconds: float = 60.0) -> None:
+        self.out, self.progress = out, progress
+        self.part_rows, self.part_seconds = part_rows, part_seconds
+        self.seen = set(done)  # ids a part or errors.jsonl accounts for (ids only: a few dozen bytes each)
+        self.ok = self.failed = self.truncated = 0
+        self.documents = 0  # ids that ended here, with a summary or an error
+        self.skipped_done = 0  # set by the job: documents an earlier run wrote
+        self._rows: list[dict] = []
+        self._since = time.monotonic()
+
+    def add_result(self, row: dict) -> None:
+        """One summarized document (an output row with ``id`` and ``generated_tokens``)."""
+        if self._repeat(row["id"], row.get("source", "")):
+            return
+        row.pop("source", None)
+        self._rows.append(row)
+        self.ok += 1
+        self.documents += 1
+        self.truncated += bool(row.get("truncated"))
+        self.progress.update(1, row["generated_tokens"])
+        if len(self._rows) >= self.part_rows or time.monotonic() - self._since >= self.part_seconds:
+            self.flush()
+
+    def add_error(self, doc_id: str | None, source: str, reason: str) -> None:
+        """A document (``doc_id``) or a whole file (``None``) that produced no summary, and why."""
+        if doc_id is not None and self._repeat(doc_id, source):
+            return
+        log.error("%s%s: %s", source, f" ({doc_id})" if doc_id else "", reason)
+        self.out.write_errors([{"id": doc_id, "source": source, "reason": reason}])
+        self.failed += 1
+        if doc_id is not None:
+            self.documents += 1
+            self.progress.update(1, 0)
+
+    def flush(self) -> None:
+        """Write the buffered rows as one part (atomically)."""
+        if self._rows:
+            self.out.write_rows(self._rows)
+        self._rows = []
+        self._since = time.monotonic()
+
+    def _repeat(self, doc_id: str, source: str) -> bool:
+        if doc_id in self.seen:
+            self.out.write_errors([{"id": doc_id, "source": source,
+                                    "reason": f"duplicate id {doc_id!r}: only its first occurrence is used"}])
+            self.failed += 1
+            self.documents += 1
+            self.progress.update(1, 0)
+            return True
+        self.seen.add(doc_id)
+        return False
