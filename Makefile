@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_NODE_IP_ADDRESS := 127.0.0.1
 
-.PHONY: setup test test-slow demo demo-passkey bench bench-quick bench-throughput gpu-check clean
+.PHONY: setup test test-slow demo demo-passkey bench bench-quick bench-throughput eval-suite gpu-check clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,10 @@ bench-quick: setup
 # Batched decode throughput, every policy, local and Ray engine (86 min on 2 cores, 2026-12-03).
 bench-throughput: setup
 	$(VPY) -m icecache_ray.bench.throughput --json docs/results/throughput.json
+
+# The fidelity suite at the issue's size (~8-9 h on a 2-core CPU; README "Fidelity suite").
+eval-suite: setup
+	$(VPY) -m icecache_ray.eval suite --json docs/results/suite.json
 
 # Needs a CUDA device: GPU tests and benches, JSON under docs/results/gpu/ (at most ~8 minutes).
 gpu-check: setup

@@ -45,7 +45,10 @@ def test_job_writes_parquet_errors_and_run_json(tiny_model_dir, tmp_path):
     assert info["options"]["policy"] == "icecache" and info["wall_s"] > 0
 
 
-def test_bad_inputs_are_reported_and_good_documents_still_summarized(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_bad_inputs_are_reported_and_good_documents_still_summarized(tiny_model_dir, tmp_path, engine):
+    """Each problem is one error row, on both engines (ray: read and validated in Ray Data tasks,
+    the folder given as a ``file://`` URI, i.e. through a pyarrow filesystem)."""
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "good.txt").write_text(_doc(1))
@@ -54,18 +57,29 @@ def test_bad_inputs_are_reported_and_good_documents_still_summarized(tiny_model_
     (folder / "scan.pdf").write_bytes(b"%PDF-1.4")
     _jsonl(folder / "nocol.jsonl", [{"id": "x", "body": "no text column"}])
     (folder / "huge.txt").write_text(_doc(2, words=3000))  # far beyond the tiny model's 1024 tokens
+    _jsonl(folder / "again.jsonl", [{"id": "good", "text": _doc(3)}])  # the id of good.txt once more
     out = tmp_path / "out"
-    assert main(_args(tiny_model_dir, [folder, tmp_path / "missing.jsonl"], out)) == 3  # some failed
+    args = _args(tiny_model_dir, [folder if engine == "local" else f"file://{folder}", tmp_path / "missing.jsonl"], out)
+    args[args.index("--engine") + 1] = engine
+    try:
+        assert main(args) == 3  # some failed
+    finally:
+        if engine == "ray":
+            import ray
+
+            ray.shutdown()
     table = OutputDir(out).read_all()
     rows = {r["id"]: r for r in table.to_pylist()}
     assert set(rows) == {"good", "huge"}
     assert rows["huge"]["truncated"] and rows["huge"]["document_tokens"] > 1024 and rows["huge"]["prompt_tokens"] <= 1024 - 6
     assert not rows["good"]["truncated"]
     reasons = [json.loads(line)["reason"] for line in (out / "errors.jsonl").read_text().splitlines()]
-    for expected in ("empty text", "not valid UTF-8", "unsupported file type '.pdf'", "missing column(s) ['text']", "path does not exist"):
+    for expected in ("empty text", "not valid UTF-8", "unsupported file type '.pdf'", "missing column(s) ['text']", "path does not exist",
+                     "duplicate id 'good'"):
         assert any(expected in r for r in reasons), (expected, reasons)
     info = json.loads((out / "run.json").read_text())
-    assert info["ok"] == 2 and info["failed"] == 5 and info["truncated"] == 1 and info["exit_code"] == 3
+    assert info["ok"] == 2 and info["failed"] == 6 and info["truncated"] == 1 and info["exit_code"] == 3
+    assert info["data"] == ("ray.data" if engine == "ray" else "local")
 
 
 @pytest.mark.parametrize("make_input", ["missing", "empty_folder", "all_bad"])
@@ -178,3 +192,23 @@ def test_compare_two_runs(tiny_model_dir, tmp_path):
     result = compare(str(tmp_path / "b"), str(tmp_path / "a"))
     assert result["documents"] == 2 and 0.0 <= result["rouge_l_mean"] <= 1.0
     assert result["candidate_s_per_document"] > 0
+
+
+def test_sigterm_writes_the_buffered_summaries_before_the_job_ends(never_eos_model_dir, tmp_path):
+    """`ray job stop` sends SIGTERM: the summaries still in the part buffer must not be lost."""
+    src = _jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": _doc(i, 60)} for i in range(12)])
+    out = tmp_path / "out"
+    args = _args(never_eos_model_dir, [src], out, "--max-running", "2")
+    args[args.index("--part-rows") + 1] = "1000"  # nothing is written before the end of the run
+    args[args.index("--max-new-tokens") + 1] = "100"
+    proc = subprocess.Popen([sys.executable, "-m", "icecache_ray.jobs.summarize", *args], stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "documents]" in line:  # the first progress line: one document has ended
+                break
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert 1 <= len(OutputDir(out).done_ids()) < 12

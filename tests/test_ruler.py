@@ -37,7 +37,7 @@ def test_prompt_is_deterministic_and_fills_the_length(variant, length):
     assert a.answers and 0.0 <= a.depth <= 1.0 and all(0.0 <= d <= 1.0 for d in a.needle_depths)
 
 
-@pytest.mark.parametrize("variant", [v for v in ruler.VARIANTS if v != "qa_squad"])
+@pytest.mark.parametrize("variant", [v for v in ruler.VARIANTS if v.startswith("niah")])
 def test_needles_and_question_are_in_the_prompt(variant):
     tok = WordTokenizer()
     sample = ruler.build_sample(tok, variant, 800, "needles")
@@ -49,6 +49,21 @@ def test_needles_and_question_are_in_the_prompt(variant):
     assert sorted(sample.answers) == sorted(v for k, v in needles if k in sample.query.replace(",", " ").split())
     assert len(sample.answers) == values * queries
     assert text.endswith(f"for {sample.query} mentioned in the provided text {'is' if len(sample.answers) == 1 else 'are'}")
+
+
+def test_variable_tracking_prompt_holds_the_chain_in_order():
+    tok = WordTokenizer()
+    sample = ruler.build_sample(tok, "variable_tracking", 800, "chain")
+    text = sample.text
+    assert tok(text)["input_ids"] == sample.ids
+    names = sample.answers
+    assert len(names) == ruler.VT_HOPS + 1 and len(set(names)) == len(names)
+    statements = re.findall(r"VAR ([A-Z]{5}) = (VAR [A-Z]{5}|\d{5})\.", text)
+    assert statements[0] == (names[0], sample.query)  # the value first, then each hop from the one before
+    assert statements[1:] == [(b, f"VAR {a}") for a, b in zip(names, names[1:])]
+    assert text.endswith(f"{len(names)} variables are assigned the value {sample.query}, they are:")
+    assert ruler.score("variable_tracking", " ".join(names).lower(), names) == 1.0
+    assert ruler.score("variable_tracking", names[0], names) == pytest.approx(1 / len(names))
 
 
 def test_qa_prompt_holds_the_golden_paragraph_and_question():
@@ -137,7 +152,8 @@ def test_run_ruler_end_to_end_on_a_tiny_model():
         assert 0.0 <= row["score"] <= 1.0 and row["seed"] == 0
         assert row["decode"]["generated_tokens"] == ruler.MAX_NEW_TOKENS[row["variant"]]
     summary = summarize(rows)
-    assert {(s["policy"], s["budget"], s["n"]) for s in summary} == {("icecache", 64, 5), ("full", None, 5)}
+    n = len(ruler.VARIANTS)
+    assert {(s["policy"], s["budget"], s["n"]) for s in summary} == {("icecache", 64, n), ("full", None, n)}
     by_variant = summarize_by_variant(rows)
     assert len(by_variant) == len(rows) and {s["variant"] for s in by_variant} == set(ruler.VARIANTS)
     assert "| variant |" in markdown(summary, by_variant)

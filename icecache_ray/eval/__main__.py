@@ -1,4 +1,5 @@
-"""Accuracy harness: ``python -m icecache_ray.eval {passkey,longgen,ruler} --policy P1,P2 --budget B1,B2
+"""Accuracy harness: ``python -m icecache_ray.eval suite --json OUT`` (the fidelity suite, see
+:mod:`icecache_ray.eval.suite`) or ``python -m icecache_ray.eval {passkey,longgen,ruler} --policy P1,P2 --budget B1,B2
 --lengths L1,L2 [--depths D1,D2] [--variants V1,V2] [--samples N] [--layer-reuse R] --seed S --json OUT
 [--model PATH]``.
 
@@ -115,6 +116,11 @@ def markdown(summary: list[dict], by_variant: list[dict] | None = None) -> str:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["suite"]:  # the whole fidelity table: its own options (icecache_ray.eval.suite)
+        from icecache_ray.eval import suite
+
+        return suite.main(argv[1:])
     args = _parse(argv)
     out = Path(args.json)
     if args.layer_reuse < 1:

@@ -8,12 +8,15 @@ Paul Graham essays as haystack except ``qa_squad``:
 - ``niah_multivalue``: four values for the same key, the question asks for all of them;
 - ``niah_multiquery``: four keys, the question asks for all four;
 - ``qa_squad``: a SQuAD v2.0 question, its golden paragraph among distractor paragraphs from
-  other SQuAD articles.
+  other SQuAD articles;
+- ``variable_tracking``: one chain "VAR A = 12345. VAR B = VAR A. ..." of five 5-letter variable
+  names spread through the haystack; the question asks for every variable holding the value.
 
 Keys are "adjective-noun" pairs from the wonderwords lists and values 7-digit numbers, both drawn
 from a ``random.Random`` seeded per sample, so a prompt depends only on (tokenizer, variant,
 length, seed). Needles go in at sentence boundaries (a regex splitter stands in for NLTK's
-``sent_tokenize``) at depths drawn from RULER's 40 evenly spaced depths. Prompts are raw text
+``sent_tokenize``) at depths drawn from RULER's 40 evenly spaced depths (variable tracking
+uses the essays as noise where RULER repeats one filler sentence). Prompts are raw text
 (no chat template) ending with an answer prefix, except ``qa_squad``, which goes through the
 tokenizer's chat template when it has one: SmolLM2-135M-Instruct answered none of 14 raw QA
 prompts (400-2048 tokens, three wordings; mostly an immediate end-of-turn) but 3 of 5 in its chat
@@ -23,7 +26,8 @@ number of tokens.
 Scoring: the output and the expected answers are normalized (lower case, punctuation to spaces,
 articles dropped, whitespace collapsed) and an answer counts when it appears in the output as
 whole words. ``niah_*`` scores the fraction of expected answers found (RULER's "all" match; 0 or 1
-for the single-answer variants), ``qa_squad`` scores 1 when any gold answer is found ("part").
+for the single-answer variants; ``variable_tracking`` likewise over its five names),
+``qa_squad`` scores 1 when any gold answer is found ("part").
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "qa_squad")
+VARIANTS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "qa_squad", "variable_tracking")
 # 7-digit values are 8 tokens each in SmolLM2 (one per digit), so four of them need ~40 tokens.
-MAX_NEW_TOKENS = {"niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48, "niah_multiquery": 48, "qa_squad": 32}
+MAX_NEW_TOKENS = {"niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48, "niah_multiquery": 48, "qa_squad": 32,
+                  "variable_tracking": 30}
+VT_HOPS = 4  # RULER's default: one chain of 5 variables (value, then 4 assignments)
 # (keys in the haystack, values per key, keys asked for) per niah variant, RULER's defaults.
 SHAPES = {"niah_single": (1, 1, 1), "niah_multikey": (4, 1, 1), "niah_multivalue": (1, 4, 1), "niah_multiquery": (4, 1, 4)}
 DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER: np.round(np.linspace(0, 100, 40))
@@ -66,6 +72,12 @@ QA = (
     "Question: {query}"
 )
 QA_RAW_PREFIX = " Answer:"
+VT = (
+    "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
+    "Question: Find all variables that are assigned the value {query} in the text above. "
+    "Answer: According to the chain(s) of variable assignment in the text above, {n} variables are assigned "
+    "the value {query}, they are:"
+)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -217,6 +229,31 @@ def _qa(tokenizer, n_tokens: int, rng: random.Random) -> RulerSample:
     return RulerSample("qa_squad", ids, list(answers), question, depth, [depth], text, chat)
 
 
+def _vt(tokenizer, n_tokens: int, rng: random.Random) -> RulerSample:
+    names: list[str] = []
+    while len(names) < VT_HOPS + 1:
+        name = "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
+        if name not in names:
+            names.append(name)
+    value = str(rng.randrange(10_000, 100_000))
+    chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+    depths = sorted(d / 100 for d in rng.sample(DEPTHS, len(chain)))
+    words = _essay_words()
+    start = _sentence_start(words, rng.randrange(len(words) // 2))
+
+    def make_text(n_words: int) -> str:
+        sentences = _SENTENCE_END.split(" ".join(words[start : start + n_words])) if n_words else []
+        pieces, prev = [], 0
+        for cut, statement in zip((int(len(sentences) * d) for d in depths), chain):  # in chain order
+            pieces += sentences[prev:cut] + [statement]
+            prev = cut
+        pieces += sentences[prev:]
+        return VT.format(context=" ".join(pieces), query=value, n=len(names))
+
+    ids, text = _fit(tokenizer, n_tokens, make_text, min(2 * n_tokens, len(words) - start))
+    return RulerSample("variable_tracking", ids, names, value, depths[0], depths, text)
+
+
 def build_sample(tokenizer, variant: str, n_tokens: int, seed: int | str) -> RulerSample:
     """A ``variant`` prompt of at most (and about) ``n_tokens`` tokens, deterministic in ``seed``."""
     if variant not in VARIANTS:
@@ -224,7 +261,12 @@ def build_sample(tokenizer, variant: str, n_tokens: int, seed: int | str) -> Rul
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
         raise ValueError(f"n_tokens={n_tokens!r}: must be a positive int")
     rng = random.Random(seed)
-    sample = _qa(tokenizer, n_tokens, rng) if variant == "qa_squad" else _niah(tokenizer, variant, n_tokens, rng)
+    if variant == "qa_squad":
+        sample = _qa(tokenizer, n_tokens, rng)
+    elif variant == "variable_tracking":
+        sample = _vt(tokenizer, n_tokens, rng)
+    else:
+        sample = _niah(tokenizer, variant, n_tokens, rng)
     log.debug("ruler %s: %d tokens (asked %d), answers %s", variant, len(sample.ids), n_tokens, sample.answers)
     return sample
 

@@ -2,9 +2,10 @@
 progress, and the rule that every document id is accounted for at most once.
 
 The same sink serves the local and the Ray Data job: rows arrive as documents end (in any order),
-are buffered up to ``part_rows`` rows or ``part_seconds`` seconds and written as one part; an id
-already written (by an earlier run or earlier in this one, e.g. repeated in two input files) is
-recorded as an error instead. A killed driver loses only its unwritten buffer: those documents
+are buffered up to ``part_rows`` rows or ``part_seconds`` seconds and written as one part; a
+summary whose id is already in a part (written by an earlier run, or earlier in this one: the id
+repeated in two input files) is recorded as an error instead. Errors claim no id: a document
+that failed in one file may still be summarized from another. A killed driver loses only its unwritten buffer: those documents
 are not in any part, so the re-run generates them again (resume), never twice.
 """
 
@@ -24,18 +25,19 @@ class ResultSink:
                  part_seconds: float = 60.0) -> None:
         self.out, self.progress = out, progress
         self.part_rows, self.part_seconds = part_rows, part_seconds
-        self.seen = set(done)  # ids a part or errors.jsonl accounts for (ids only: a few dozen bytes each)
+        self.seen = set(done)  # ids in a part (ids only: a few dozen bytes each)
         self.ok = self.failed = self.truncated = 0
         self.documents = 0  # ids that ended here, with a summary or an error
         self.skipped_done = 0  # set by the job: documents an earlier run wrote
         self._rows: list[dict] = []
         self._since = time.monotonic()
 
-    def add_result(self, row: dict) -> None:
-        """One summarized document (an output row with ``id`` and ``generated_tokens``)."""
-        if self._repeat(row["id"], row.get("source", "")):
+    def add_result(self, row: dict, source: str) -> None:
+        """One summarized document (an output row with ``id`` and ``generated_tokens``) read from ``source``."""
+        if row["id"] in self.seen:
+            self.add_error(row["id"], source, f"duplicate id {row['id']!r}: only its first occurrence is used")
             return
-        row.pop("source", None)
+        self.seen.add(row["id"])
         self._rows.append(row)
         self.ok += 1
         self.documents += 1
@@ -46,8 +48,6 @@ class ResultSink:
 
     def add_error(self, doc_id: str | None, source: str, reason: str) -> None:
         """A document (``doc_id``) or a whole file (``None``) that produced no summary, and why."""
-        if doc_id is not None and self._repeat(doc_id, source):
-            return
         log.error("%s%s: %s", source, f" ({doc_id})" if doc_id else "", reason)
         self.out.write_errors([{"id": doc_id, "source": source, "reason": reason}])
         self.failed += 1
@@ -62,13 +62,13 @@ class ResultSink:
         self._rows = []
         self._since = time.monotonic()
 
-    def _repeat(self, doc_id: str, source: str) -> bool:
-        if doc_id in self.seen:
-            self.out.write_errors([{"id": doc_id, "source": source,
-                                    "reason": f"duplicate id {doc_id!r}: only its first occurrence is used"}])
-            self.failed += 1
-            self.documents += 1
-            self.progress.update(1, 0)
-            return True
-        self.seen.add(doc_id)
-        return False
+
+def output_row(result: dict, document_tokens: int, truncated: bool, config) -> dict:
+    """A Parquet row: the engine's result (id, summary, token counts, decode stats) + the document's facts."""
+    return {**result, "document_tokens": document_tokens, "truncated": truncated,
+            "policy": config.policy, "budget": config.budget if config.policy != "full" else None}
+
+
+def plain(value):
+    """A numpy scalar as the Python number Parquet rows are built from."""
+    return value.item() if hasattr(value, "item") else value

@@ -21,16 +21,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
-from collections import deque
 
 from icecache_ray.config import POLICIES, IceCacheConfig
-from icecache_ray.jobs.inputs import list_sources, read_documents
+from icecache_ray.jobs.drivers import run_local, run_ray
+from icecache_ray.jobs.inputs import list_sources
 from icecache_ray.jobs.outputs import OutputDir
 from icecache_ray.jobs.pipeline import JobSpec, driver_peak_rss_mib
 from icecache_ray.jobs.progress import Progress
-from icecache_ray.jobs.prompts import DEFAULT_INSTRUCTION, chat_prompt
+from icecache_ray.jobs.prompts import DEFAULT_INSTRUCTION
 from icecache_ray.jobs.sink import ResultSink
 from icecache_ray.serving_config import EngineConfig
 
@@ -106,117 +108,6 @@ def check_model(path):
         raise SystemExit(f"--model: {exc}") from None
 
 
-def prepare(docs, tokenizer, spec: JobSpec, sink: ResultSink) -> list[dict]:
-    """Chat prompts for the documents; a document that cannot be prepared becomes an error."""
-    items = []
-    for doc in docs:
-        try:
-            prompt = chat_prompt(tokenizer, doc.text, spec.instruction, spec.max_prompt_tokens)
-        except Exception as exc:  # noqa: BLE001 - one document's problem, the job goes on
-            sink.add_error(doc.id, doc.source, f"could not build the prompt: {exc}")
-            continue
-        if prompt.truncated:
-            log.warning("%s: %d tokens, middle-truncated to fit the %d-token prompt", doc.id, prompt.document_tokens,
-                        spec.max_prompt_tokens)
-        items.append({"id": doc.id, "ids": prompt.ids, "document_tokens": prompt.document_tokens, "truncated": prompt.truncated})
-    return items
-
-
-def generate_all(engine, items: list[dict], on_rows) -> None:
-    """Feed documents to the engine as it has room, step it, and hand every ended document's row
-    to ``on_rows`` (a document the engine refuses is an error row)."""
-    queue = deque(items)
-    while queue or engine.in_flight:
-        refused = []
-        while queue and engine.in_flight < engine.capacity:
-            item = queue.popleft()
-            try:
-                engine.submit(item)
-            except (ValueError, RuntimeError) as exc:
-                refused.append({"id": item["id"], "error": str(exc)})
-        rows = refused + (engine.step() if engine.in_flight else [])
-        if rows:
-            on_rows(rows)
-
-
-def run_local(args, spec: JobSpec, config: IceCacheConfig, engine_cfg: EngineConfig, files: list[str], done: set[str],
-              sink: ResultSink) -> dict:
-    """The job in this process: documents read here, one local engine. Returns the runtime shape."""
-    from icecache_ray.jobs.engines import LocalJobEngine
-    from icecache_ray.model import load_tokenizer
-
-    docs, errors = read_documents(files, spec.id_column, spec.text_column)
-    for e in errors:
-        sink.add_error(e.id, e.source, e.reason)
-    todo = [d for d in docs if d.id not in done]
-    sink.skipped_done = len(docs) - len(todo)
-    if args.limit:
-        todo = todo[: args.limit]
-    log.info("%d document(s): %d already done, %d to summarize; %d input error(s)", len(docs), sink.skipped_done, len(todo), len(errors))
-    items = prepare(todo, load_tokenizer(spec.model_source), spec, sink)
-    sink.progress.total = len(items)
-    by_id = {it["id"]: it for it in items}
-    if not items:
-        return {"engine": "local", "replicas": 0}
-    engine = LocalJobEngine(spec.model_source, config, engine_cfg, args.max_new_tokens, args.threads or min(8, os.cpu_count() or 1))
-
-    def on_rows(rows: list[dict]) -> None:
-        for r in rows:
-            if "error" in r:
-                sink.add_error(r["id"], "generation", r["error"])
-            else:
-                item = by_id[r["id"]]
-                sink.add_result(output_row(r, item["document_tokens"], item["truncated"], config))
-
-    try:
-        generate_all(engine, items, on_rows)
-        return engine.runtime_shape()
-    finally:
-        engine.shutdown()
-
-
-def run_ray(args, spec: JobSpec, config: IceCacheConfig, engine_cfg: EngineConfig, files: list[str], done: set[str],
-            sink: ResultSink) -> dict:
-    """The job as a Ray Data pipeline (:mod:`icecache_ray.jobs.pipeline`). Returns the runtime shape."""
-    from icecache_ray import ray_utils
-    from icecache_ray.data import IceCacheEngineProcessorConfig
-    from icecache_ray.data.stage import STAT_COLUMNS
-    from icecache_ray.jobs import pipeline
-    from icecache_ray.pool import remove_orphaned_segments
-
-    ray = ray_utils.connect(args.address)
-    resources = ray.cluster_resources()
-    threads = args.threads or min(8, os.cpu_count() or 1)
-    gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
-    replicas = args.replicas or pipeline.replica_count(resources, threads, gpus)
-    try:
-        processor = IceCacheEngineProcessorConfig(
-            model_source=spec.model_source, policy=config.policy, budget=config.budget, max_new_tokens=args.max_new_tokens,
-            max_running=engine_cfg.max_running, max_step_tokens=engine_cfg.max_step_tokens, batch_size=args.batch_size,
-            concurrency=replicas, max_concurrent_batches=args.max_concurrent_batches,
-            num_cpus=pipeline.replica_cpus(resources, threads, replicas), num_gpus=gpus, threads=threads, truncate=False)
-    except ValueError as exc:
-        raise SystemExit(f"replica options: {exc}") from None
-    frozen_done = frozenset(done)
-    totals = pipeline.count_documents(ray, files, spec, frozen_done)
-    sink.skipped_done = totals["done"]
-    sink.progress.total = min(totals["todo"], args.limit) if args.limit else totals["todo"]
-    log.info("%d document(s): %d already done, %d to summarize; %d input error(s); %d replica(s) of %d thread(s), %s GPU",
-             totals["todo"] + totals["done"], totals["done"], sink.progress.total, totals["errors"], replicas, threads, gpus)
-    ds = pipeline.build_dataset(ray, files, spec, frozen_done, processor, args.limit or None)
-    for row in ds.iter_rows():
-        if row["error"]:
-            sink.add_error(row["id"] or None, row["source"], row["error"])
-            continue
-        result = {"id": row["id"], "summary": row["generated_text"].strip(), "prompt_tokens": int(row["prompt_tokens"]),
-                  "generated_tokens": int(row["generated_tokens"]), **{c: _plain(row[c]) for c in STAT_COLUMNS}}
-        sink.add_result(output_row(result, int(row["document_tokens"]), bool(row["document_truncated"] or row["truncated"]), config))
-    remove_orphaned_segments()  # pools of engine actors killed on this node (others sweep at their restart)
-    return {"engine": "ray.data", "replicas": replicas, "threads_per_replica": threads, "gpus_per_replica": gpus,
-            "cpus_per_replica": processor.num_cpus, "batch_size": processor.batch_size,
-            "max_concurrent_batches": processor.max_concurrent_batches}
-
-
 def run(args) -> dict:
     """The whole job (see module docstring). Returns the run summary written to run.json."""
     from transformers import AutoConfig
@@ -265,23 +156,24 @@ def run(args) -> dict:
     return summary
 
 
-def output_row(result: dict, document_tokens: int, truncated: bool, config: IceCacheConfig) -> dict:
-    """A Parquet row: the engine's result (id, summary, token counts, decode stats) + the document's facts."""
-    return {**result, "document_tokens": document_tokens, "truncated": truncated,
-            "policy": config.policy, "budget": config.budget if config.policy != "full" else None}
-
-
-def _plain(value):
-    """A numpy scalar as the Python number Parquet rows are built from."""
-    return value.item() if hasattr(value, "item") else value
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    summary = run(args)
+    # `ray job stop` sends SIGTERM: end like Ctrl-C, so the summaries buffered for the next part are written
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    try:
+        summary = run(args)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     code = summary["exit_code"]
-    outcome = {EXIT_OK: "done", EXIT_SOME_FAILED: "done with failures", EXIT_NOTHING_SUMMARIZED: "nothing summarized"}[code]
+    outcome = {EXIT_OK: "done", EXIT_JOB_ERROR: f"failed ({summary['error']})", EXIT_SOME_FAILED: "done with failures",
+               EXIT_NOTHING_SUMMARIZED: "nothing summarized"}[code]
     log.log(logging.INFO if code == EXIT_OK else logging.ERROR,
             "%s: %d ok, %d failed%s, %d already done, %d truncated in %.1f s -> %s (exit %d)", outcome,
             summary["ok"], summary["failed"], " (reasons in errors.jsonl)" if summary["failed"] else "", summary["skipped_done"],

@@ -1,0 +1,50 @@
+"""The fidelity suite (``python -m icecache_ray.eval suite``): its statistics, and a few-prompt
+smoke run of the same command on the tiny model (the real run is long: outside CI)."""
+
+import json
+
+import pytest
+
+from icecache_ray.eval.suite import bootstrap_ci, budget_to_match_full, main, score_table
+
+
+def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_prompts():
+    assert bootstrap_ci([0.5] * 10) == (0.5, 0.5)
+    small = bootstrap_ci([0.0, 1.0] * 10)
+    large = bootstrap_ci([0.0, 1.0] * 200)
+    assert small[0] < 0.5 < small[1] and large[0] < 0.5 < large[1]
+    assert large[1] - large[0] < small[1] - small[0]
+
+
+def test_budget_to_match_full_is_the_smallest_budget_within_two_points():
+    rows = [{"policy": "full", "budget": None, "score": 0.50}]
+    rows += [{"policy": "icecache", "budget": b, "score": s} for b, s in ((64, 0.40), (128, 0.485), (256, 0.52))]
+    rows += [{"policy": "quest", "budget": b, "score": s} for b, s in ((256, 0.30), (512, 0.45))]
+    table = score_table(rows)
+    assert table["icecache@128"]["n"] == 1 and table["full"]["score"] == 0.5
+    assert budget_to_match_full(table) == {"icecache": 128, "quest": None}
+
+
+@pytest.mark.timeout(600)
+def test_suite_smoke_run_writes_the_output_contract(never_eos_model_dir, tmp_path):
+    out = tmp_path / "suite.json"
+    assert main(["--json", str(out), "--model", str(never_eos_model_dir), "--lengths", "600",
+                 "--variants", "niah_single,variable_tracking", "--samples-per-variant", "1", "--longgen-texts", "1",
+                 "--longgen-length", "200", "--longgen-tokens", "8", "--summary-docs", "1", "--summary-tokens", "8"]) == 0
+    result = json.loads(out.read_text())
+    summary = result["summary"]
+    table = summary["ruler_600"]
+    expected = {"full", *(f"icecache@{b}" for b in (64, 128, 256, 512, 1024)), *(f"quest@{b}" for b in (256, 512, 1024, 2048)),
+                "oracle@128", "oracle@256"}
+    assert set(table) == expected and set(summary["longgen_ratio"]) == expected and set(summary["summary_nll_ratio"]) == expected
+    for entry in table.values():
+        assert entry["n"] == 2 and entry["lo"] <= entry["score"] <= entry["hi"]
+    assert set(summary["budget_to_match_full"]["600"]) == {"icecache", "quest", "oracle"}
+    assert summary["longgen_ratio"]["full"] == 1.0 and summary["summary_nll_ratio"]["full"] == 1.0
+    # a budget covering every page of these prompts: icecache is dense attention
+    for ratios in (summary["longgen_ratio"], summary["summary_nll_ratio"]):
+        assert ratios["icecache@1024"] == pytest.approx(1.0, abs=1e-3)
+    gen = {(r["policy"], r["budget"], r["variant"]): r["generated"] for r in result["rows"]["ruler"]}
+    for variant in ("niah_single", "variable_tracking"):
+        assert gen[("icecache", 1024, variant)] == gen[("full", None, variant)]
+    assert out.with_suffix(".md").exists()
