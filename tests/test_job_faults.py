@@ -123,6 +123,10 @@ def test_worker_node_removed_mid_job_every_document_accounted_for_once(two_node_
     src, out = _source(tmp_path), tmp_path / "out"
     thread, result = _run_in_thread(_ray_args(never_eos_model_dir, src, out, 120, "--replicas", "2"))
     _wait_for_parts(out)
+    from ray._private import state
+
+    ledgers = [a for a in state.actors().values() if a["ActorClassName"] == "Attempts" and a["State"] == "ALIVE"]
+    assert [a["Address"]["NodeID"] for a in ledgers] == [ray.get_runtime_context().get_node_id()]  # on the driver's node
     cluster.remove_node(workers[0])
     assert len(_accounted(out)[0]) < DOCS  # removed with documents still to do
     thread.join(timeout=300)

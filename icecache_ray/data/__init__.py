@@ -139,8 +139,13 @@ def generate_stage(ds, config: IceCacheEngineProcessorConfig):
 
     from icecache_ray import ray_utils
 
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     ray_utils.connect()  # the attempts actor needs Ray now; a local one on loopback if none runs
-    attempts = ray.remote(Attempts).options(num_cpus=0).remote()
+    # on the driver's node: a worker node removed mid-job must not take the attempt counts with it
+    # (the driver's node going away ends the job anyway); restarted, it starts counting afresh
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    attempts = ray.remote(Attempts).options(num_cpus=0, scheduling_strategy=here, max_restarts=-1, max_task_retries=-1).remote()
     # as ray.data.llm: more tasks in flight per actor than it runs at once, so one is always queued
     compute = ray.data.ActorPoolStrategy(size=config.concurrency, max_concurrent_calls_per_actor=config.max_concurrent_batches,
                                          max_tasks_in_flight_per_actor=2 * config.max_concurrent_batches)

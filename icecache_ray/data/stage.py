@@ -71,7 +71,7 @@ class IceCacheEngineStage:
 
     async def __call__(self, batch: dict) -> dict:
         key = batch_key(batch) if self.attempts is not None else None
-        attempt = await self.attempts.begin.remote(key) if key is not None else 1
+        attempt = await self._attempt(key) if key is not None else 1
         try:
             if attempt > self.config.max_attempts:
                 why = (f"not generated: the replica running it died {attempt - 1} time(s) "
@@ -84,6 +84,15 @@ class IceCacheEngineStage:
             if key is not None:
                 self.attempts.end.remote(key)
         return {**{k: v for k, v in batch.items() if k != "error"}, **self._columns(results)}
+
+    async def _attempt(self, key: str) -> int:
+        """This batch's attempt number; 1 when the attempts actor cannot answer (the batch is then
+        generated: losing the count must not lose the rows)."""
+        try:
+            return await self.attempts.begin.remote(key)
+        except Exception as exc:  # noqa: BLE001 - ray.exceptions.RayActorError and kin
+            log.warning("attempts actor unavailable (%s): generating the batch", type(exc).__name__)
+            return 1
 
     async def _generate(self, batch: dict) -> list:
         """Each row's ended :class:`Sequence`, or the reason it was not generated."""

@@ -120,7 +120,7 @@ def run_ray(args, spec: JobSpec, config: IceCacheConfig, engine_cfg: EngineConfi
              totals["todo"] + totals["done"], totals["done"], sink.progress.total, totals["errors"], replicas, threads, gpus)
     ds = pipeline.build_dataset(ray, files, spec, frozen_done, processor, args.limit or None)
     for row in ds.iter_rows():
-        if row["error"]:
+        if isinstance(row["error"], str) and row["error"]:  # not None (nor NaN, Ray Data's null in numpy batches)
             sink.add_error(row["id"] or None, row["source"], row["error"])
             continue
         result = {"id": row["id"], "summary": row["generated_text"].strip(), "prompt_tokens": int(row["prompt_tokens"]),
