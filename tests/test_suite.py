@@ -48,3 +48,11 @@ def test_suite_smoke_run_writes_the_output_contract(never_eos_model_dir, tmp_pat
     for variant in ("niah_single", "variable_tracking"):
         assert gen[("icecache", 1024, variant)] == gen[("full", None, variant)]
     assert out.with_suffix(".md").exists()
+
+
+@pytest.mark.parametrize("argv,match", [(["--lengths", "0"], "--lengths"), (["--lengths", "x"], "--lengths"),
+                                        (["--parts", "magic"], "--parts"), (["--samples-per-variant", "0"], "--samples-per-variant")])
+def test_bad_suite_options_are_named_before_any_model_loads(argv, match, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--json", str(tmp_path / "s.json"), *argv])
+    assert match in capsys.readouterr().err

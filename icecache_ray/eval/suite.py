@@ -201,9 +201,12 @@ def parse_args(argv=None):
     if not args.variants or set(args.variants) - set(VARIANTS):
         p.error(f"--variants: choose from {list(VARIANTS)}")
     try:
-        args.lengths = [int(x) for x in args.lengths.split(",") if x]
+        lengths = [int(x) for x in args.lengths.split(",") if x]
     except ValueError:
-        p.error(f"--lengths={args.lengths!r}: comma-separated integers")
+        lengths = []
+    if not lengths or min(lengths) <= 0:
+        p.error(f"--lengths={args.lengths!r}: comma-separated positive integers")
+    args.lengths = lengths
     return args
 
 

@@ -12,21 +12,25 @@ from collections import deque
 from icecache_ray.config import IceCacheConfig
 from icecache_ray.jobs.inputs import read_documents
 from icecache_ray.jobs.pipeline import JobSpec
-from icecache_ray.jobs.prompts import chat_prompt
+from icecache_ray.jobs.prompts import document_prompt
 from icecache_ray.jobs.sink import ResultSink, output_row, plain
 from icecache_ray.serving_config import EngineConfig
 
 log = logging.getLogger("icecache_ray.jobs.summarize")
 
 
+def replica_threads(requested: int) -> int:
+    """Torch threads per engine: ``--threads``, else this machine's cores (at most 8)."""
+    return requested or min(8, os.cpu_count() or 1)
+
+
 def prepare(docs, tokenizer, spec: JobSpec, sink: ResultSink) -> list[dict]:
     """Chat prompts for the documents; a document that cannot be prepared becomes an error."""
     items = []
     for doc in docs:
-        try:
-            prompt = chat_prompt(tokenizer, doc.text, spec.instruction, spec.max_prompt_tokens)
-        except Exception as exc:  # noqa: BLE001 - one document's problem, the job goes on
-            sink.add_error(doc.id, doc.source, f"could not build the prompt: {exc}")
+        prompt, error = document_prompt(tokenizer, doc.text, spec.instruction, spec.max_prompt_tokens)
+        if error:
+            sink.add_error(doc.id, doc.source, error)
             continue
         if prompt.truncated:
             log.warning("%s: %d tokens, middle-truncated to fit the %d-token prompt", doc.id, prompt.document_tokens,
@@ -71,7 +75,7 @@ def run_local(args, spec: JobSpec, config: IceCacheConfig, engine_cfg: EngineCon
     by_id = {it["id"]: it for it in items}
     if not items:
         return {"engine": "local", "replicas": 0}
-    engine = LocalJobEngine(spec.model_source, config, engine_cfg, args.max_new_tokens, args.threads or min(8, os.cpu_count() or 1))
+    engine = LocalJobEngine(spec.model_source, config, engine_cfg, args.max_new_tokens, replica_threads(args.threads))
 
     def on_rows(rows: list[dict]) -> None:
         for r in rows:
@@ -101,7 +105,7 @@ def run_ray(args, spec: JobSpec, config: IceCacheConfig, engine_cfg: EngineConfi
         return {"engine": "ray.data", "replicas": 0}  # nothing to read: no reason to start Ray
     ray = ray_utils.connect(args.address)
     resources = ray.cluster_resources()
-    threads = args.threads or min(8, os.cpu_count() or 1)
+    threads = replica_threads(args.threads)
     gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
     replicas = args.replicas or pipeline.replica_count(resources, threads, gpus)
     try:

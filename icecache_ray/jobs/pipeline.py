@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from icecache_ray.jobs.inputs import Document, read_source, unique
-from icecache_ray.jobs.prompts import chat_prompt
+from icecache_ray.jobs.prompts import document_prompt
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,7 @@ def prompt_batch(batch: dict, spec: JobSpec) -> dict:
     for text, error in zip(batch["text"], batch["error"]):
         prompt = None
         if not error:
-            try:
-                prompt = chat_prompt(tokenizer, str(text), spec.instruction, spec.max_prompt_tokens)
-            except Exception as exc:  # noqa: BLE001 - one document's problem, the job goes on
-                error = f"could not build the prompt: {exc}"
+            prompt, error = document_prompt(tokenizer, str(text), spec.instruction, spec.max_prompt_tokens)
         ids.append(prompt.ids if prompt else [])
         tokens.append(prompt.document_tokens if prompt else 0)
         truncated.append(bool(prompt and prompt.truncated))

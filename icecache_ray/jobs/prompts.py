@@ -43,3 +43,12 @@ def _render(tokenizer, instruction: str, document: str) -> list[int]:
     else:  # a base model without a template: plain text with an answer cue
         text = f"{messages[0]['content']}\n\nSummary:"
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def document_prompt(tokenizer, document: str, instruction: str, max_prompt_tokens: int) -> tuple[Prompt | None, str | None]:
+    """:func:`chat_prompt` for one job document: (prompt, None), or (None, the reason) when it
+    cannot be built (that document's problem: the job goes on)."""
+    try:
+        return chat_prompt(tokenizer, document, instruction, max_prompt_tokens), None
+    except Exception as exc:  # noqa: BLE001 - tokenizer and template errors of one document
+        return None, f"could not build the prompt: {exc}"
