@@ -162,6 +162,11 @@ class IceCacheConfig:
     prefill_chunk: query rows per attention call during a masked (padded) prefill (bounds the
         score workspace to ``prefill_chunk x prompt`` per head where a kernel materialises scores);
         unmasked prompts use one fused causal call. The K/V of a layer is computed in one pass.
+    token_pages: icecache only: how many of the ``retrieved_pages`` slots hold single tokens
+        instead of whole pages: the ``token_pages * page_size`` tokens of largest attention mass
+        among the candidate pages not chosen whole (the index scores them exactly anyway).
+        ``None`` picks ``retrieved_pages // 3``; 0 = pages only (the paper); at most
+        ``retrieved_pages - 1``. Same budget either way.
     """
 
     page_size: int = 16
@@ -174,6 +179,7 @@ class IceCacheConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     layer_reuse: int = 1
     prefill_chunk: int = 2048
+    token_pages: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int("IceCacheConfig", "page_size", self.page_size)
@@ -188,6 +194,12 @@ class IceCacheConfig:
         if self.window_tokens is None:
             object.__setattr__(self, "window_tokens", window)
         self._check_layout()
+        if self.token_pages is None:
+            object.__setattr__(self, "token_pages", self.retrieved_pages // 3)
+        _non_negative_int("IceCacheConfig", "token_pages", self.token_pages)
+        if self.token_pages >= self.retrieved_pages:
+            _fail("IceCacheConfig", "token_pages", self.token_pages,
+                  f"must leave at least one of the {self.retrieved_pages} retrieved slots for a whole page")
 
     def _check_layout(self) -> None:
         p = self.page_size
@@ -212,14 +224,22 @@ class IceCacheConfig:
         return (self.budget - self.sink_tokens - self.window_tokens) // self.page_size
 
     @property
+    def page_slots(self) -> int:
+        """Retrieved slots that hold whole pages (the rest hold single tokens, ``token_pages``)."""
+        return self.retrieved_pages - self.token_pages
+
+    @property
     def window_pages(self) -> int:
         return self.window_tokens // self.page_size
 
     def with_(self, **changes: Any) -> "IceCacheConfig":
-        """A copy with some fields changed (re-validated). Sink/window are re-derived unless given."""
+        """A copy with some fields changed (re-validated). Sink, window and token_pages are re-derived
+        unless given."""
         if "budget" in changes or "page_size" in changes:
             changes.setdefault("sink_tokens", None)
             changes.setdefault("window_tokens", None)
+        if {"budget", "page_size", "sink_tokens", "window_tokens"} & set(changes):
+            changes.setdefault("token_pages", None)
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -290,10 +290,28 @@ def page_log_values(token_scores: np.ndarray, scale: float, use_mass: bool) -> n
     head's peak logit (a page whose mass underflows that way is recomputed relative to its own best
     token).
     """
+    return _page_values(token_scores, scale, use_mass, np.zeros((0, 0)))
+
+
+@njit(cache=True, fastmath=FAST)
+def page_values_and_token_mass(token_scores: np.ndarray, scale: float, use_mass: bool) -> tuple:
+    """:func:`page_log_values` and, from the same exponentials, each candidate token's
+    probability summed over the heads ([m, P] float64, 0 in empty slots: the group mass the token
+    slots rank by)."""
+    mass = np.zeros((token_scores.shape[1], token_scores.shape[2]))
+    return _page_values(token_scores, scale, use_mass, mass), mass
+
+
+@njit(cache=True, fastmath=FAST)
+def _page_values(token_scores: np.ndarray, scale: float, use_mass: bool, token_mass: np.ndarray) -> np.ndarray:
+    """The body of :func:`page_log_values`; adds each token's per-head probability into
+    ``token_mass`` [m, P] unless it is empty ([0, 0])."""
     n_heads, m, psize = token_scores.shape
+    want_tokens = token_mass.shape[0] > 0
     out = np.empty((n_heads, m))
     mass = np.empty(m)
     best = np.empty(m)
+    exps = np.empty((m, psize)) if want_tokens else np.empty((0, 0))
     for h in range(n_heads):
         # Two passes: a max reduction in the exp loop would keep it from vectorising.
         peak = -np.inf
@@ -307,12 +325,27 @@ def page_log_values(token_scores: np.ndarray, scale: float, use_mass: bool) -> n
             if top > peak:
                 peak = top
         total = 0.0
-        for i in range(m):
-            acc = 0.0
-            for s in range(psize):  # empty slots (-inf) add exp(-inf) = 0
-                acc += exp_vec(token_scores[h, i, s] * scale - peak)
-            mass[i] = acc
-            total += acc
+        if want_tokens:
+            for i in range(m):
+                acc = 0.0
+                for s in range(psize):
+                    e = exp_vec(token_scores[h, i, s] * scale - peak)
+                    exps[i, s] = e
+                    acc += e
+                mass[i] = acc
+                total += acc
+            if total > 0.0:
+                inv = 1.0 / total
+                for i in range(m):
+                    for s in range(psize):
+                        token_mass[i, s] += exps[i, s] * inv
+        else:
+            for i in range(m):
+                acc = 0.0
+                for s in range(psize):  # empty slots (-inf) add exp(-inf) = 0
+                    acc += exp_vec(token_scores[h, i, s] * scale - peak)
+                mass[i] = acc
+                total += acc
         log_total = peak + np.log(total)
         for i in range(m):
             if best[i] == -np.inf:
@@ -371,6 +404,55 @@ def merge_top_pages(values: np.ndarray, k: int, use_max: bool) -> np.ndarray:
     return np.argsort(combined, kind="mergesort")[: min(k, m)]
 
 
+@njit(cache=True)
+def top_tokens_outside(mass: np.ndarray, counts: np.ndarray, chosen: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` valid candidate tokens of largest ``mass`` outside the ``chosen`` pages.
+
+    mass: [m, P] (from :func:`page_values_and_token_mass`); counts: [m] valid rows of each
+    candidate page; chosen: [c] candidate positions already taken whole. Returns flat positions
+    ``i * P + s`` [min(n, available)] int64, ascending; among equal masses the lowest positions win
+    (a stable sort's order). One pass in position order with a size-n heap whose root is the
+    weakest entry held: most tokens lose one comparison against it.
+    """
+    m, psize = mass.shape
+    taken = np.zeros(m, np.bool_)
+    for c in chosen:
+        taken[c] = True
+    heap_v = np.empty(max(n, 0))
+    heap_p = np.empty(max(n, 0), np.int64)
+    size = 0
+    for i in range(m):
+        if taken[i] or n <= 0:
+            continue
+        for s in range(counts[i]):
+            v, pos = mass[i, s], i * psize + s
+            if size < n:  # sift up: an entry rises above parents weaker than itself
+                j = size
+                size += 1
+                while j > 0:
+                    parent = (j - 1) >> 1
+                    if heap_v[parent] < v or (heap_v[parent] == v and heap_p[parent] > pos):
+                        break
+                    heap_v[j], heap_p[j] = heap_v[parent], heap_p[parent]
+                    j = parent
+                heap_v[j], heap_p[j] = v, pos
+            elif v > heap_v[0]:  # positions only grow, so an equal mass never displaces an entry
+                j = 0
+                while True:  # replace the root, sift down below children weaker than itself
+                    child = 2 * j + 1
+                    if child >= size:
+                        break
+                    if child + 1 < size and (heap_v[child + 1] < heap_v[child]
+                                             or (heap_v[child + 1] == heap_v[child] and heap_p[child + 1] > heap_p[child])):
+                        child += 1
+                    if v < heap_v[child] or (v == heap_v[child] and pos > heap_p[child]):
+                        break
+                    heap_v[j], heap_p[j] = heap_v[child], heap_p[child]
+                    j = child
+                heap_v[j], heap_p[j] = v, pos
+    return np.sort(heap_p[:size])
+
+
 @njit(cache=True, nogil=True)  # index actors run several selections at once (select_threads)
 def select_pages(
     qs: np.ndarray,
@@ -393,13 +475,16 @@ def select_pages(
     use_mass: bool,
     use_max: bool,
     k: int,
+    n_tokens: int,
 ) -> tuple:
-    """One whole index query in a single call (route -> union -> pages -> score -> merge).
+    """One whole index query in a single call (route -> union -> pages -> score -> merge -> tokens).
 
     The composition of ``route_clusters``, ``head_union``, ``cluster_pages``, ``score_pages``,
-    ``page_log_values`` and ``merge_top_pages``; ``MDCIIndex.query`` is its step-by-step reference.
-    Returns (chosen index pages [min(k, n)] int64, ok). ``ok`` is False (nothing chosen) in the rare
-    case where the beam's clusters hold fewer than k pages: the caller then widens in Python.
+    ``page_log_values``, ``merge_top_pages`` and (``n_tokens`` > 0) ``page_values_and_token_mass`` +
+    ``top_tokens_outside``; ``MDCIIndex.query`` is its step-by-step reference. Returns (chosen
+    index pages [min(k, n)] int64, the index page [t] and row [t] of each single token picked from
+    the other candidate pages, ok). ``ok`` is False (nothing chosen) in the rare case where the
+    beam's clusters hold fewer than k pages: the caller then widens in Python.
     """
     if k >= n_pages or width >= n_clusters:  # every page is a candidate: no routing needed
         candidates = np.arange(n_pages)
@@ -410,10 +495,20 @@ def select_pages(
         union = head_union(r_cluster[nodes], scores, width, n_clusters)
         candidates = cluster_pages(cluster_first_page, page_next, union)
         if candidates.shape[0] < k:
-            return np.empty(0, np.int64), False
+            none = np.empty(0, np.int64)
+            return none, none, none, False
     token_scores = score_pages(qs, pool_pages, page_pool, page_count, candidates)
-    values = page_log_values(token_scores, scale, use_mass)
-    return candidates[merge_top_pages(values, k, use_max)], True
+    if n_tokens <= 0 or k >= candidates.shape[0]:  # no token slots, or every candidate is taken whole
+        none = np.empty(0, np.int64)
+        return candidates[merge_top_pages(page_log_values(token_scores, scale, use_mass), k, use_max)], none, none, True
+    values, mass = page_values_and_token_mass(token_scores, scale, use_mass)
+    chosen = merge_top_pages(values, k, use_max)
+    psize = token_scores.shape[2]
+    counts = np.empty(candidates.shape[0], np.int64)
+    for i in range(candidates.shape[0]):
+        counts[i] = page_count[candidates[i]]
+    picks = top_tokens_outside(mass, counts, chosen, n_tokens)
+    return candidates[chosen], candidates[picks // psize], picks % psize, True
 
 
 @njit(cache=True)

@@ -115,3 +115,29 @@ def head_union_ref(clusters, scores, width, n_clusters):
         if int(item) not in out:
             out.append(int(item))
     return np.asarray(out, np.int64)
+
+
+
+def group_token_mass_ref(token_scores, scale):
+    """Each candidate token's probability summed over the heads (per head, a softmax over every
+    candidate token): the mass of :func:`kernels.mdci.page_values_and_token_mass`. [m, P]."""
+    logits = token_scores.astype(np.float64) * scale
+    flat = logits.reshape(logits.shape[0], -1)
+    out = np.zeros(flat.shape[1])
+    for row in flat:
+        if np.isfinite(row).any():
+            e = np.exp(row - row.max())
+            out += e / e.sum()
+    return out.reshape(logits.shape[1:])
+
+
+
+def top_tokens_outside_ref(mass, counts, chosen, n):
+    """Same contract as :func:`kernels.mdci.top_tokens_outside` (a stable sort of every token)."""
+    m, psize = mass.shape
+    taken = set(chosen.tolist())
+    flat = np.asarray([i * psize + s for i in range(m) if i not in taken for s in range(counts[i])], np.int64)
+    if not len(flat):
+        return flat
+    order = np.argsort(-mass.reshape(-1)[flat], kind="stable")[: min(n, len(flat))]
+    return np.sort(flat[order])

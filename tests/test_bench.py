@@ -73,6 +73,8 @@ def test_speed_bench_interleaved_run_reports_every_configuration(tmp_path):
     (["--steps", "0"], "--steps must be >= 1"),
     (["--budgets", "250"], "budget"),
     (["--layer-reuse", "x"], "--layer-reuse must be positive integers"),
+    (["--token-pages", "x"], "--token-pages='x'"),
+    (["--token-pages", "12"], "IceCacheConfig.token_pages=12"),
 ])
 def test_speed_bench_rejects_bad_arguments(argv, match, capsys):
     from icecache_ray.bench import speed

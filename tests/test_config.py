@@ -87,3 +87,16 @@ def test_public_names_resolve_lazily():
         "for name in icecache_ray.__all__: getattr(icecache_ray, name)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_token_pages_default_validation_and_rederivation():
+    cfg = IceCacheConfig()
+    assert (cfg.token_pages, cfg.page_slots) == (4, 8)  # 12 retrieved slots: a third hold single tokens
+    assert IceCacheConfig(budget=64).token_pages == 0
+    assert IceCacheConfig(token_pages=0).page_slots == 12
+    assert cfg.with_(budget=512).token_pages == IceCacheConfig(budget=512).retrieved_pages // 3
+    assert cfg.with_(budget=512, token_pages=1).token_pages == 1
+    with pytest.raises(ValueError, match=r"IceCacheConfig.token_pages=12: must leave at least one"):
+        IceCacheConfig(token_pages=12)
+    with pytest.raises(ValueError, match=r"IceCacheConfig.token_pages=-1: must be a non-negative integer"):
+        IceCacheConfig(token_pages=-1)

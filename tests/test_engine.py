@@ -98,6 +98,17 @@ def test_budget_covering_every_page_equals_dense_attention(kind, policy):
     torch.testing.assert_close(got, _dense_logits(model, prompt, forced), **TOL)
 
 
+def test_token_slots_covering_the_rest_of_the_pages_equal_dense_attention():
+    """10 whole pages + 50 pages' worth of single tokens cover every middle token of a 300-token
+    prompt: the token slots must hold exactly the right K/V rows for this to be dense attention."""
+    model = _model()
+    prompt = _prompt(300, 2)
+    forced = _greedy_dense(model, prompt, 40)
+    cfg = IceCacheConfig(budget=1024, token_pages=50)
+    got, eng = _forced(prompt, forced, cfg, model)
+    torch.testing.assert_close(got, _dense_logits(model, prompt, forced), **TOL)
+
+
 def test_full_policy_gives_the_tokens_of_transformers_generate():
     from icecache_ray import generate
 
@@ -137,12 +148,16 @@ def test_small_budget_decodes_and_moves_only_missing_pages():
     assert st.pages_hit > 0  # consecutive steps reuse resident pages
 
 
-@pytest.mark.parametrize("policy", ["icecache", "quest", "streaming"])
+@pytest.mark.parametrize("policy", ["icecache", "icecache_tokens", "quest", "streaming"])
 def test_a_sequence_does_not_depend_on_what_runs_beside_it(policy):
     """Alone vs batched with others joining mid-flight, prompts prefilled in chunks interleaved
-    with the others' decoding (budget 64, selection active): same logits, same greedy tokens."""
+    with the others' decoding (budget 64 or 96 with token slots, selection active): same logits,
+    same greedy tokens."""
     model = _model()
-    cfg = IceCacheConfig(budget=64, policy=policy)
+    if policy == "icecache_tokens":  # 1 whole page + 2 pages' worth of single tokens
+        cfg = IceCacheConfig(budget=96, sink_tokens=16, window_tokens=32, token_pages=2)
+    else:
+        cfg = IceCacheConfig(budget=64, policy=policy)
     prompts = [_prompt(n, 7 + n) for n in (300, 170, 45, 420)]
     alone = []
     for p in prompts:

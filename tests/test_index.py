@@ -201,9 +201,11 @@ def test_release_returns_pool_pages(pool):
 @pytest.mark.parametrize("gqa", ["interleave", "max", "sum"])
 @pytest.mark.parametrize("page_score", ["max", "mass"])
 @pytest.mark.parametrize("k", [1, 10, 40, 10_000])
-def test_fused_select_equals_step_by_step_query(pool, gqa, page_score, k):
+@pytest.mark.parametrize("n_tokens", [0, 48])
+def test_fused_select_equals_step_by_step_query(pool, gqa, page_score, k, n_tokens):
     """The decode hot path (one numba call) ranks exactly like the step-by-step reference query,
-    before and after insertions (which change clusters, pages and the routing cache)."""
+    and picks the same single tokens, before and after insertions (which change clusters, pages
+    and the routing cache)."""
     keys, values = _data(3000, seed=8)
     index = MDCIIndex(pool, IndexConfig(gqa=gqa, page_score=page_score), D)
     index.build(keys[:2000], values[:2000])
@@ -211,10 +213,15 @@ def test_fused_select_equals_step_by_step_query(pool, gqa, page_score, k):
     for step in range(2):
         for _ in range(5):
             q = rng.standard_normal((3, D)).astype(np.float32)
-            reference = index.query(q, k)
-            _, pool_pages, counts = index.select_fast(q, k)
+            reference = index.query(q, k, n_tokens)
+            _, pool_pages, counts, token_pages, token_rows = index.select_fast(q, k, n_tokens)
             np.testing.assert_array_equal(pool_pages, reference.pool_pages)
             np.testing.assert_array_equal(counts, reference.counts)
+            np.testing.assert_array_equal(token_pages, reference.token_pages)
+            np.testing.assert_array_equal(token_rows, reference.token_rows)
+            expected = 0 if k >= index.n_pages else n_tokens
+            assert len(token_pages) == expected
+            assert not np.isin(token_pages, reference.pages).any()  # never a token of a page taken whole
         index.insert(keys[2000 + 500 * step : 2500 + 500 * step], values[2000 + 500 * step : 2500 + 500 * step])
 
 
@@ -238,3 +245,21 @@ def test_bulk_cluster_stats_equal_the_scatter_definition(pool):
     np.testing.assert_array_equal(table.cluster_keys[:23], means)
     np.testing.assert_array_equal(table.cluster_radius[:23], radius)
     np.testing.assert_array_equal(table.cluster_size[:23], np.bincount(assign))
+
+
+def test_token_slots_take_the_heaviest_tokens_outside_the_chosen_pages(pool):
+    """Single tokens are the candidates' largest group-mass tokens among the pages not chosen
+    whole (brute force over the candidate set, which is every page when the beam takes them all)."""
+    keys, values = _data(1500, seed=11)
+    index = MDCIIndex(pool, IndexConfig(beam=BeamRule(width=1e6)), D)
+    index.build(keys, values)
+    q = np.random.default_rng(5).standard_normal((3, D)).astype(np.float32)
+    result = index.query(q, 6, 32)
+    logits = (q @ keys.T) * index.scale
+    prob = np.exp(logits - logits.max(1, keepdims=True))
+    mass = (prob / prob.sum(1, keepdims=True)).sum(0)
+    token_pages = index.token_pages()
+    outside = np.flatnonzero(~np.isin(token_pages, result.pages))
+    want = np.sort(outside[np.argsort(-mass[outside])[:32]])
+    got = np.sort(index.table.page_tokens[result.token_pages, result.token_rows])
+    np.testing.assert_array_equal(got, want)

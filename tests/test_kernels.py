@@ -130,3 +130,29 @@ def test_head_union_parity():
     scores = rng.standard_normal((3, 25)).astype(np.float32)
     for width in (1, 4, 30):
         np.testing.assert_array_equal(K.head_union(clusters, scores, width, 40), R.head_union_ref(clusters, scores, width, 40))
+
+
+@pytest.mark.parametrize("use_mass", [False, True])
+def test_page_values_and_token_mass_parity(use_mass):
+    rng = _rng(12)
+    scores = rng.standard_normal((3, 9, 16)).astype(np.float32) * 4
+    scores[:, 3, 7:] = -np.inf  # a partially filled page
+    values, got = K.page_values_and_token_mass(scores, 0.125, use_mass)
+    np.testing.assert_array_equal(values, K.page_log_values(scores, 0.125, use_mass))
+    np.testing.assert_allclose(got, R.group_token_mass_ref(scores, 0.125), rtol=1e-12, atol=1e-15)
+    assert got[3, 7:].max() == 0.0
+    np.testing.assert_allclose(got.sum(), 3.0)  # each head's probabilities sum to 1
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 40, 1000])
+def test_top_tokens_outside_parity(n):
+    rng = _rng(13)
+    mass = rng.random((8, 4))
+    mass[5, 1] = mass[5, 2] = mass[6, 0]  # equal masses: the lowest positions win
+    counts = np.array([4, 4, 2, 4, 0, 4, 3, 4], np.int64)
+    chosen = np.array([3, 0], np.int64)
+    got = K.top_tokens_outside(mass, counts, chosen, n)
+    np.testing.assert_array_equal(got, R.top_tokens_outside_ref(mass, counts, chosen, n))
+    assert not np.isin(got // 4, chosen).any()
+    assert (got % 4 < counts[got // 4]).all()
+    assert len(got) == min(n, int(counts.sum() - counts[chosen].sum()))

@@ -28,8 +28,15 @@ from icecache_ray.report import json_path, positive_ints
 
 log = logging.getLogger("icecache_ray.bench.retrieval")
 
-REAL_POLICIES = ("icecache", "quest", "oracle_token", "oracle_seqpage", "streaming")
-SYNTH_POLICIES = ("icecache", "quest", "oracle_token", "oracle_seqpage")
+REAL_POLICIES = ("icecache", "icecache_pages", "quest", "oracle_token", "oracle_seqpage", "streaming")
+SYNTH_POLICIES = ("icecache", "icecache_pages", "quest", "oracle_token", "oracle_seqpage")
+
+
+def _make(name: str, head_dim: int, cfg: IceCacheConfig, pool, index: IndexConfig):
+    """``icecache`` with the config's token slots; ``icecache_pages``: whole pages only (the paper)."""
+    token_pages = cfg.token_pages if name == "icecache" else 0
+    base = "icecache" if name.startswith("icecache") else name.replace("oracle_token", "oracle")
+    return make_policy(base, head_dim, cfg.page_size, pool=pool, index=index, token_pages=token_pages)
 
 
 def _pool_for(n_tokens: int, head_dim: int, page_size: int) -> PagePool:
@@ -46,7 +53,7 @@ def run_real(work: RealWorkload, budgets: list[int], policies: list[str], index:
         for name in policies:
             results = []
             with _pool_for(work.seq_len, head_dim, cfg.page_size) as pool:
-                policy = make_policy(name.replace("oracle_token", "oracle"), head_dim, cfg.page_size, pool=pool, index=index)
+                policy = _make(name, head_dim, cfg, pool, index)
                 for layer in sorted(work.keys):
                     for kv in range(work.n_kv_heads):
                         keys, queries = work.group(layer, kv)
@@ -105,6 +112,35 @@ def real_build_vs_prefill(work: RealWorkload, index: IndexConfig, layer: int) ->
     return {"layer": layer, "build_s": build_s, "layer_prefill_s": prefill_s, "ratio": build_s / prefill_s}
 
 
+def real_select_ab(work: RealWorkload, index: IndexConfig, budget: int = 256, repeats: int = 5) -> dict:
+    """The decode hot path (``IndexStore.select_pages``, what an index service runs per item) with
+    token slots vs whole pages only, timed alternately on the same indexes and queries (each
+    layer's and KV head's whole prompt indexed), so machine noise hits both alike. Returns the
+    median time of each and their ratio."""
+    cfg = IceCacheConfig(budget=budget, index=index)
+    head_dim = next(iter(work.keys.values())).shape[-1]
+    ab = {"tokens": [], "pages": []}
+    with _pool_for(work.seq_len, head_dim, cfg.page_size) as pool:
+        with_tokens = _make("icecache", head_dim, cfg, pool, index)
+        pages_only = _make("icecache_pages", head_dim, cfg, pool, index)
+        for layer in sorted(work.keys):
+            for kv in range(work.n_kv_heads):
+                keys, queries = work.group(layer, kv)
+                store = with_tokens.build(keys, np.zeros_like(keys))
+                qs = [np.ascontiguousarray(queries[:, i], dtype=np.float32) for i in range(queries.shape[1])]
+                for _ in range(repeats):
+                    for name, policy in (("tokens", with_tokens), ("pages", pages_only)):
+                        split = policy.split(cfg.retrieved_pages)
+                        t0 = time.perf_counter()
+                        for q in qs:
+                            store.select_pages(q, *split)
+                        ab[name].append((time.perf_counter() - t0) / len(qs))
+                store.release()
+    tokens_ms, pages_ms = 1e3 * float(np.median(ab["tokens"])), 1e3 * float(np.median(ab["pages"]))
+    return {"budget": budget, "token_pages": cfg.token_pages, "select_ms_tokens": tokens_ms, "select_ms_pages": pages_ms,
+            "slowdown": tokens_ms / pages_ms}
+
+
 # Index variants measured against the default (GQA rule, page score, packing, routing, beam).
 ABLATIONS: dict[str, dict] = {
     "gqa=interleave,page_score=max (paper)": dict(gqa="interleave", page_score="max"),
@@ -149,7 +185,7 @@ def _synthetic_policy(work: SyntheticWorkload, name: str, budgets: list[int], in
     rows = []
     zeros = np.zeros((n, dim), np.float32)
     with _pool_for(n, dim, 16) as pool:
-        policy = make_policy(name.replace("oracle_token", "oracle"), dim, 16, pool=pool, index=index)
+        policy = _make(name, dim, IceCacheConfig(index=index), pool, index)
         res = HeadResult()
         t0 = time.perf_counter()
         store = policy.build(work.keys[: n - insert_n], zeros[: n - insert_n])
@@ -162,6 +198,8 @@ def _synthetic_policy(work: SyntheticWorkload, name: str, budgets: list[int], in
         probs = softmax_rows((work.queries @ work.keys.T) / math.sqrt(dim))
         for budget in budgets:
             cfg = IceCacheConfig(budget=budget, index=index)
+            if name == "icecache":
+                policy = _make(name, dim, cfg, pool, index)
             r = HeadResult(build_s=res.build_s, built_tokens=res.built_tokens, insert_s=res.insert_s,
                            inserted_tokens=res.inserted_tokens, metadata_bytes=res.metadata_bytes, indexed_tokens=res.indexed_tokens)
             selections = []
@@ -206,6 +244,9 @@ def summarize(rows: list[dict], brute: dict, build: dict | None, sizes: list[int
     }
     gap = summary["real_recall_oracle_token_256"] - summary["real_recall_oracle_seqpage_256"]
     summary["real_gap_closed_256"] = (summary["real_recall_icecache_256"] - summary["real_recall_oracle_seqpage_256"]) / gap if gap else float("nan")
+    # token slots (IceCacheConfig.token_pages) against whole pages only, same run, same hot path
+    summary["real_recall_icecache_pages_256"] = get("real", "icecache_pages", 256)
+    summary["real_gap_closed_pages_256"] = (summary["real_recall_icecache_pages_256"] - summary["real_recall_oracle_seqpage_256"]) / gap if gap else float("nan")
     return summary
 
 
@@ -265,12 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         notes.append(f"quick mode: synthetic sizes {sizes} (the synthetic_1m_* keys refer to N={max(sizes)})")
     rows: list[dict] = []
-    build = None
+    build = select_ab = None
     t0 = time.perf_counter()
     if not args.skip_real:
         work = capture_real(length, layers, 64, args.model, args.seed)
         rows += run_real(work, budgets, policies, index)
         build = real_build_vs_prefill(work, index, layers[0])
+        select_ab = real_select_ab(work, index)
         if args.ablation:
             rows += run_ablation(work, 256)
         del work
@@ -280,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         synth_rows, brute = run_synthetic(sizes, budgets, synth_policies, index, n_queries=64, insert_n=1024)
         rows += synth_rows
     summary = summarize(rows, brute, build, sizes if not args.skip_synthetic else [], notes)
+    if select_ab is not None:
+        summary["real_select_ab_256"] = select_ab
     summary["wall_s"] = time.perf_counter() - t0
     result = {"summary": summary, "rows": rows, "build_vs_prefill": build, "bruteforce_ms_p50": {str(k): v for k, v in brute.items()},
               "config": {"index": IceCacheConfig(index=index).to_dict()["index"], "numba_threads": os.environ.get("NUMBA_NUM_THREADS")}}

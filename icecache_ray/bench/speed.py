@@ -50,6 +50,8 @@ def _parse(argv):
     p.add_argument("--warmup", type=int, default=4, help="first decode steps left out of the timings")
     p.add_argument("--budgets", default="256", help="icecache budgets, comma separated")
     p.add_argument("--layer-reuse", default="1", help="IceCache(r) reuse factors to measure, comma separated")
+    p.add_argument("--token-pages", default="default",
+                   help="IceCacheConfig.token_pages values to measure, comma separated ('default': the budget's default; 0: whole pages only)")
     p.add_argument("--short", type=int, default=16, help="context of the short full-cache reference (0: skip)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default=None, type=json_path)
@@ -163,9 +165,18 @@ def _configs(args) -> list[tuple[str, IceCacheConfig | None]]:
     out: list[tuple[str, IceCacheConfig | None]] = [("full", None)]
     for budget in positive_ints(args.budgets, "budgets"):
         for reuse in positive_ints(args.layer_reuse, "layer-reuse"):
-            name = f"icecache@{budget}" + (f" r={reuse}" if reuse > 1 else "")
-            out.append((name, IceCacheConfig(budget=budget, layer_reuse=reuse)))
+            for tokens in _token_pages(args.token_pages):
+                name = f"icecache@{budget}" + (f" r={reuse}" if reuse > 1 else "") + (f" token_pages={tokens}" if tokens is not None else "")
+                out.append((name, IceCacheConfig(budget=budget, layer_reuse=reuse, token_pages=tokens)))
     return out
+
+
+def _token_pages(text: str) -> list[int | None]:
+    """``--token-pages``: integers and ``default`` (None)."""
+    try:
+        return [None if x == "default" else int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise ValueError(f"--token-pages={text!r}: comma-separated integers or 'default'") from None
 
 
 def _runs(model, ids, args) -> list[_Run]:

@@ -17,14 +17,14 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from icecache_ray.config import IceCacheConfig
 from icecache_ray.policies import make_policy
 from icecache_ray.pool import PagePool, PoolLayout, remove_segment
-from icecache_ray.ragged import EMPTY, PagePicks
+from icecache_ray.ragged import EMPTY, PagePicks, pack_ragged
 from icecache_ray.split_work import WorkSplitter
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,21 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Selection(PagePicks):
     """A select answer: :class:`~icecache_ray.ragged.PagePicks` plus ``tokens``, per-item
-    middle-token ids (or None); flat arrays, so an answer pickles as a handful of buffers."""
+    middle-token ids (or None), and the single tokens of the token slots: item i's are rows
+    ``token_rows[token_bounds[i]:token_bounds[i+1]]`` of pool pages ``token_pool[...]`` (read in
+    place like whole pages); flat arrays, so an answer pickles as a handful of buffers."""
 
     tokens: list | None = None
+    token_pool: np.ndarray = field(default_factory=lambda: EMPTY)
+    token_rows: np.ndarray = field(default_factory=lambda: EMPTY)
+    token_bounds: np.ndarray | None = None
+
+    def item_tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(pool pages [t], rows [t]) of item i's single tokens."""
+        if self.token_bounds is None:
+            return EMPTY, EMPTY
+        a, b = int(self.token_bounds[i]), int(self.token_bounds[i + 1])
+        return self.token_pool[a:b], self.token_rows[a:b]
 
 
 class LostStores(KeyError):
@@ -111,7 +123,8 @@ class IndexService:
                 log.warning("index service: replaced the stale pool %s of a previous incarnation", pool_name)
             layout = PoolLayout(capacity_pages, config.page_size, head_dim, config.pool.dtype)
             self.pool = PagePool.create(layout, name=pool_name)
-        self.policy = make_policy(config.policy, head_dim, config.page_size, pool=self.pool, index=config.index)
+        self.policy = make_policy(config.policy, head_dim, config.page_size, pool=self.pool, index=config.index,
+                                  token_pages=config.token_pages)
         self.stores: dict[int, dict[tuple[str, int], object]] = {}  # layer -> (seq, head) -> store
         self.dirty: dict[int, dict[tuple[str, int], list[np.ndarray]]] = {}
         self._inboxes: dict[str, PagePool] = {}
@@ -189,9 +202,11 @@ class IndexService:
         dirty = [self._pop_dirty(layer, key) for key in keys]
         work = list(zip(stores, queries))
         answers = self._splitter.map_shares(lambda share: [self._select_one(s, q, k, with_tokens) for s, q in share], work)
-        pages, counts, tokens = (list(column) for column in zip(*answers)) if answers else ([], [], [])
+        pages, counts, tokens, t_pool, t_rows = (list(c) for c in zip(*answers)) if answers else ([], [], [], [], [])
         tokens = [t for t in tokens if t is not None]
-        out = Selection.from_items(pages, counts, dirty, tokens=tokens or None)
+        token_pool, token_bounds = pack_ragged(t_pool)
+        out = Selection.from_items(pages, counts, dirty, tokens=tokens or None, token_pool=token_pool,
+                                   token_rows=pack_ragged(t_rows)[0], token_bounds=token_bounds)
         self.select_calls += 1
         self.select_s += time.perf_counter() - t0
         return out
@@ -201,11 +216,13 @@ class IndexService:
         return np.concatenate(dirty) if dirty else EMPTY
 
     def _select_one(self, store, q: np.ndarray, k: int, with_tokens: bool) -> tuple:
-        """(pool pages, valid rows, middle tokens or None) of one store for its queries q [g, d]."""
+        """(pool pages, valid rows, middle tokens or None, single tokens' pool pages, their rows)
+        of one store for its queries q [g, d]; ``k`` retrieved slots (pages and token slots)."""
         if self.pool is None:
-            return EMPTY, EMPTY, self.policy.select(store, q, k).tokens
-        pages, pool_pages, counts = store.select_pages(np.ascontiguousarray(q), k)
-        return pool_pages, counts, store.tokens_of(pages) if with_tokens else None
+            return EMPTY, EMPTY, self.policy.select(store, q, k).tokens, EMPTY, EMPTY
+        pages, pool_pages, counts, t_pages, t_rows = store.select_pages(np.ascontiguousarray(q), *self.policy.split(k))
+        tokens = store.tokens_of(pages, t_pages, t_rows) if with_tokens else None
+        return pool_pages, counts, tokens, store.index.table.page_pool[t_pages], t_rows
 
     @_layer_locked
     def token_rows(self, layer: int, seq: str, head: int, tokens: np.ndarray):

@@ -26,6 +26,7 @@ from icecache_ray.engine.resident import ResidentKV
 from icecache_ray.engine.slots import SlotTable
 from icecache_ray.engine.stats import StepStats
 from icecache_ray.engine.window import RowWindows
+from icecache_ray.ragged import EMPTY
 
 
 class SparseRows:
@@ -40,7 +41,10 @@ class SparseRows:
         slot_rows = config.retrieved_pages * p
         self.kv = ResidentKV(n_rows, heads, config.sink_tokens, slot_rows, self.windows.ring_tokens, head_dim, dtype, device)
         self.ret_valid = np.zeros((n_rows, heads, slot_rows), bool)  # valid rows of the slot region
-        self.slots = SlotTable(n_rows, heads, config.retrieved_pages, p) if config.policy == "icecache" and anchor is None else None
+        paged = config.policy == "icecache" and anchor is None
+        # icecache: whole pages in the first page_slots slots, single tokens (re-read every step) after them
+        self.slots = SlotTable(n_rows, heads, config.page_slots, p) if paged else None
+        self.token_start = config.page_slots * p if paged else slot_rows  # first token-slot row of the slot region
         self.seq_of_row: list[str | None] = [None] * n_rows
         self.staging: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> prompt K, V [H, T, d]
         self.publish = config.layer_reuse > 1 and anchor is None  # followers read self.selected
@@ -134,31 +138,56 @@ class SparseRows:
 
     def _select_pages(self, rows: np.ndarray, seqs: list[str], host_q: np.ndarray, stats: StepStats, step) -> tuple:
         """icecache: one selection request for every (row, KV head), and the slot plan.
-        Returns (pool pages to copy [m], their rows [m], KV heads [m], slots [m])."""
+        Returns (pool pages to copy [m], their rows [m], KV heads [m], slots [m], then the token
+        slots' (pool pages [t], rows in page [t], flat destination rows [2, t]))."""
         t0 = time.perf_counter()
         picks, self.selected = self.stores.select_pages(seqs, host_q, self.cfg.retrieved_pages, self.publish)
         plan = self.slots.plan_rows(rows, picks)
-        self.ret_valid[rows] = self.slots.valid_rows(rows)
-        per_row = np.diff(picks.page_bounds).reshape(len(rows), -1).sum(axis=1)
-        loaded = np.bincount(np.searchsorted(rows, plan[1]), minlength=len(rows))
+        tokens, token_pages = self._token_plan(rows, picks)
+        self.ret_valid[rows, :, : self.token_start] = self.slots.valid_rows(rows)
+        per_row = np.diff(picks.page_bounds).reshape(len(rows), -1).sum(axis=1) + token_pages
+        loaded = np.bincount(np.searchsorted(rows, plan[1]), minlength=len(rows)) + token_pages
         step.count_pages(per_row, loaded, self.kv_page_bytes)
-        stats.pages_selected += len(picks.pages)
+        stats.pages_selected += len(picks.pages) + int(token_pages.sum())
         stats.pages_hit += len(picks.pages) - len(plan[0])
         stats.select_ms += 1e3 * (time.perf_counter() - t0)
-        return plan
+        return plan + tokens
+
+    def _token_plan(self, rows: np.ndarray, picks) -> tuple[tuple, np.ndarray]:
+        """Where each item's single tokens go: ((pool pages [t], rows in page [t], flat rows
+        [2, t]), token-slot pages used per row [n]); marks the token slots' valid rows."""
+        heads, width = len(self.heads), self.ret_valid.shape[2] - self.token_start
+        self.ret_valid[rows, :, self.token_start :] = False
+        used = np.zeros(len(rows), np.int64)
+        if picks.token_bounds is None or not width:
+            return (EMPTY, EMPTY, np.zeros((2, 0), np.int64)), used
+        counts = np.diff(picks.token_bounds)
+        item = np.repeat(np.arange(len(counts)), counts)  # item of each picked token
+        slot = np.arange(len(item)) - picks.token_bounds[item]  # its rank inside the item
+        row, head = rows[item // heads], item % heads
+        self.ret_valid[row, head, self.token_start + slot] = True
+        used += -(-counts.reshape(len(rows), heads) // self.cfg.page_size).sum(axis=1)
+        flat = self.kv.flat_rows(row, head, self.kv.slot_start + self.token_start + slot)
+        return (picks.token_pool, picks.token_rows, flat), used
 
     @property
     def kv_page_bytes(self) -> int:
         return 2 * self.cfg.page_size * self.kv.kv.shape[-1] * self.kv.kv.element_size()
 
     def _load_pages(self, plan: tuple, stats: StepStats) -> None:
-        """One gather from the host pool, one copy, one scatter for the whole layer."""
+        """One gather from the host pool, one copy, one scatter for the whole layer (pages), and
+        the same for the single tokens of the token slots."""
         t0 = time.perf_counter()
-        pages, prow, heads, slots = plan
+        pages, prow, heads, slots, token_pool, token_rows, token_flat = plan
         if len(pages):
             flat = self.kv.page_rows(prow, heads, slots, self.cfg.page_size)
             stats.bytes_loaded += self.kv.load(self.stores.pool, pages, flat)
             stats.pages_loaded += len(pages)
+        if len(token_pool):
+            kv = self.stores.pool.pages[token_pool, :, token_rows]  # [t, 2, d]
+            self.kv.write(token_flat, torch.from_numpy(np.ascontiguousarray(kv.transpose(1, 0, 2))))
+            stats.bytes_loaded += kv.nbytes
+            stats.pages_loaded += -(-len(token_pool) // self.cfg.page_size)
         stats.load_ms += 1e3 * (time.perf_counter() - t0)
 
     def _write_tokens(self, rows: np.ndarray, seqs: list[str], tokens: list[list[np.ndarray]], stats: StepStats, step) -> None:

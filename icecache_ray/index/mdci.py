@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,13 +39,17 @@ class QueryResult:
     """Pages chosen for one KV head, best first.
 
     pages: [k'] int32 index page ids; counts: [k'] valid tokens of each; pool_pages: [k'] pool
-    page ids (what a loader copies); n_scored: tokens whose q.k was computed exactly.
+    page ids (what a loader copies); n_scored: tokens whose q.k was computed exactly;
+    token_pages / token_rows: [t] index page and row of each single token picked from the other
+    candidate pages (``n_tokens`` of :meth:`MDCIIndex.query`), in (candidate, row) order.
     """
 
     pages: np.ndarray
     counts: np.ndarray
     pool_pages: np.ndarray
     n_scored: int
+    token_pages: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    token_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 @dataclass(frozen=True)
@@ -331,11 +335,15 @@ class MDCIIndex:
         return [page, new]
 
     # ------------------------------------------------------------------ query
-    def query(self, queries: np.ndarray, k: int) -> QueryResult:
-        """Top-k pages for the query heads of this KV head.
+    def query(self, queries: np.ndarray, k: int, n_tokens: int = 0) -> QueryResult:
+        """Top-k pages for the query heads of this KV head, then (``n_tokens`` > 0) the
+        ``n_tokens`` single tokens of largest group mass among the other candidate pages' tokens.
 
         queries: [H, head_dim] post-RoPE queries of the group (H >= 1); k: pages wanted (> 0).
-        Returns min(k, n_pages) pages ranked by the configured page score and GQA rule.
+        Returns min(k, n_pages) pages ranked by the configured page score and GQA rule. Single
+        tokens recover the mass that page granularity leaves behind: a page is kept whole or not
+        at all, so tokens attended strongly but alone in their page are lost to pages of diffuse
+        mass (see README "Token slots"). Step-by-step reference of :meth:`select_fast`.
         """
         qs = check_queries(queries, self.head_dim)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
@@ -345,41 +353,50 @@ class MDCIIndex:
             return QueryResult(empty, empty, empty, 0)
         candidates = self._candidate_pages(qs, int(k))
         scores = K.score_pages(qs, self.table.pool.pages, self.table.page_pool, self.table.page_count, candidates)
-        values = K.page_log_values(scores, self.scale, self.config.page_score == "mass")
-        chosen = candidates[merge_group(values, int(k), self.config.gqa)].astype(np.int32)
+        values, mass = K.page_values_and_token_mass(scores, self.scale, self.config.page_score == "mass")
+        position = merge_group(values, int(k), self.config.gqa)
+        chosen = candidates[position].astype(np.int32)
+        token_pages, token_rows = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        if n_tokens > 0 and len(position) < len(candidates):
+            counts = self.table.page_count[candidates].astype(np.int64)
+            picks = K.top_tokens_outside(mass, counts, position.astype(np.int64), int(n_tokens))
+            token_pages, token_rows = candidates[picks // self.page_size], picks % self.page_size
         return QueryResult(
             pages=chosen,
             counts=self.table.page_count[chosen].copy(),
             pool_pages=self.table.page_pool[chosen].copy(),
             n_scored=int(self.table.page_count[candidates].sum()),
+            token_pages=token_pages,
+            token_rows=token_rows,
         )
 
-    def select_fast(self, qs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def select_fast(self, qs: np.ndarray, k: int, n_tokens: int = 0) -> tuple:
         """The decode hot path: :meth:`query` in one numba call (``kernels.mdci.select_pages``).
 
         qs: [H, head_dim] C-contiguous float32, finite (not re-validated here); k > 0.
         Returns (index pages, pool pages, valid rows), each [min(k, n_pages)], ranked like
-        :meth:`query` (which it falls back to for the ``interleave`` rule and rare widenings).
+        :meth:`query` (which it falls back to for the ``interleave`` rule and rare widenings),
+        then the single tokens' (index pages, rows), each [<= n_tokens].
         """
         if self.n_pages == 0:
             empty = np.zeros(0, np.int32)
-            return empty, empty, empty
+            return empty, empty, empty, empty, empty
         chosen, ok = np.zeros(0, np.int64), self.config.gqa != "interleave"
         if ok:
             snap = self.routing.snapshot()
             width = self.config.beam.clusters(self.n_clusters)
             t = self.table
-            chosen, ok = K.select_pages(
+            chosen, token_pages, token_rows, ok = K.select_pages(
                 qs, t.cluster_keys, self._node_slack(snap),
                 snap.cluster, snap.block_start, snap.child_start, snap.child_end,
                 int(math.ceil(width * self.config.beam.upper_factor)), width, self.n_clusters, self.n_pages,
                 t.cluster_first_page, t.page_next, t.pool.pages, t.page_pool, t.page_count,
-                self.scale, self.config.page_score == "mass", self.config.gqa == "max", int(k),
+                self.scale, self.config.page_score == "mass", self.config.gqa == "max", int(k), int(n_tokens),
             )
         if not ok:
-            result = self.query(qs, k)
-            return result.pages, result.pool_pages, result.counts
-        return chosen, self.table.page_pool[chosen], self.table.page_count[chosen]
+            r = self.query(qs, k, n_tokens)
+            return r.pages, r.pool_pages, r.counts, r.token_pages, r.token_rows
+        return chosen, self.table.page_pool[chosen], self.table.page_count[chosen], token_pages, token_rows
 
     def _candidate_pages(self, qs: np.ndarray, k: int) -> np.ndarray:
         """Pages of the clusters chosen by the beam (widened until they hold >= k pages)."""

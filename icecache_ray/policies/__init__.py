@@ -19,14 +19,15 @@ __all__ = [
 ]
 
 
-def make_policy(name: str, head_dim: int, page_size: int = 16, pool=None, index: IndexConfig | None = None) -> SelectionPolicy:
-    """Build a policy by name: icecache (needs ``pool``), quest, oracle (token), oracle_seqpage,
-    streaming, full."""
+def make_policy(name: str, head_dim: int, page_size: int = 16, pool=None, index: IndexConfig | None = None,
+                token_pages: int = 0) -> SelectionPolicy:
+    """Build a policy by name: icecache (needs ``pool``; ``token_pages`` of its retrieved slots
+    hold single tokens), quest, oracle (token), oracle_seqpage, streaming, full."""
     index = index or IndexConfig()
     if name == "icecache":
         if pool is None:
             raise ValueError("policy 'icecache' needs a host page pool (pool=None given)")
-        return IceCachePolicy(head_dim=head_dim, pool=pool, index=index)
+        return IceCachePolicy(head_dim=head_dim, pool=pool, index=index, token_pages=token_pages)
     if name == "quest":
         return QuestPolicy(head_dim=head_dim, page_size=page_size, gqa=index.gqa)
     if name in ("oracle", "oracle_token"):

@@ -8,6 +8,7 @@ import numpy as np
 
 from icecache_ray.config import IndexConfig
 from icecache_ray.index.mdci import MDCIIndex
+from icecache_ray.index.storage import check_queries
 from icecache_ray.policies.base import Selection
 
 
@@ -27,15 +28,19 @@ class IndexStore:
     def metadata_bytes(self) -> int:
         return self.index.metadata_bytes()
 
-    def select_pages(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Decode hot path: (index pages, pool pages, valid rows) of the top-k pages for
-        queries [H, d] (contiguous float32); see ``MDCIIndex.select_fast``."""
-        return self.index.select_fast(queries, k)
+    def select_pages(self, queries: np.ndarray, k: int, n_tokens: int = 0) -> tuple:
+        """Decode hot path for queries [H, d] (contiguous float32): (index pages, pool pages, valid
+        rows) of the top-k pages, then (index pages, rows) of up to ``n_tokens`` single tokens
+        from the other candidates; see ``MDCIIndex.select_fast``."""
+        return self.index.select_fast(queries, k, n_tokens)
 
-    def tokens_of(self, pages: np.ndarray) -> np.ndarray:
-        """Middle-token ids held by index pages [k] (for layer reuse)."""
+    def tokens_of(self, pages: np.ndarray, token_pages: np.ndarray | None = None, token_rows: np.ndarray | None = None) -> np.ndarray:
+        """Middle-token ids held by index pages [k], then those of single tokens (index page, row) [t]."""
         tokens = self.index.table.page_tokens[pages]
-        return tokens[tokens >= 0].astype(np.int64)
+        tokens = tokens[tokens >= 0].astype(np.int64)
+        if token_pages is not None and len(token_pages):
+            tokens = np.concatenate([tokens, self.index.table.page_tokens[token_pages, token_rows].astype(np.int64)])
+        return tokens
 
     def rows(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """K, V rows [n, d] of middle tokens ``tokens`` [n], read from the pool."""
@@ -54,7 +59,13 @@ class IceCachePolicy:
     head_dim: int
     pool: object
     index: IndexConfig = field(default_factory=IndexConfig)
+    token_pages: int = 0  # IceCacheConfig.token_pages: retrieved slots filled with single tokens
     name: str = "icecache"
+
+    def split(self, n_slots: int) -> tuple[int, int]:
+        """(whole pages, single tokens) that fill ``n_slots`` retrieved page slots."""
+        pages = max(1, n_slots - self.token_pages)
+        return pages, (n_slots - pages) * self.pool.layout.page_size
 
     def build(self, keys: np.ndarray, values: np.ndarray) -> IndexStore:
         store = IndexStore(self.pool, self.index, self.head_dim)
@@ -65,6 +76,7 @@ class IceCachePolicy:
     def select(self, store: IndexStore, queries: np.ndarray, n_pages: int, context_logits=None) -> Selection:
         if store.n_tokens == 0:
             return Selection.empty()
-        result = store.index.query(queries, n_pages)
-        tokens = store.index.table.page_tokens[result.pages]
-        return Selection(result.pages.astype(np.int64), result.counts.astype(np.int64), tokens[tokens >= 0].astype(np.int64))
+        qs = check_queries(queries, self.head_dim)  # the hot path below does not re-validate
+        pages, _, counts, token_pages, token_rows = store.select_pages(qs, *self.split(n_pages))
+        tokens = store.tokens_of(pages, token_pages, token_rows)
+        return Selection(pages.astype(np.int64), counts.astype(np.int64), tokens)
