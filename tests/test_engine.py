@@ -291,6 +291,18 @@ def test_shared_prefill_gives_the_same_tokens_as_generate(policy):
     assert len(nll) == 12 and all(x >= 0 for x in nll)
 
 
+@pytest.mark.parametrize("policy", ["icecache", "quest", "full"])
+def test_prefills_decoded_together_give_the_tokens_each_gets_alone(policy):
+    from icecache_ray.engine.generate import SharedPrefill, generate_prefilled
+
+    model = _model()
+    cfg = IceCacheConfig(budget=96, sink_tokens=16, window_tokens=32, token_pages=2, policy=policy)
+    prefills = [SharedPrefill(model, _prompt(n, 30 + n)) for n in (300, 90, 410)]
+    together = generate_prefilled(prefills, cfg, 12)
+    assert [r.token_ids for r in together] == [p.generate(cfg, 12).token_ids for p in prefills]
+    assert generate_prefilled([], cfg, 12) == []
+
+
 def test_bad_model_or_config_is_rejected_before_work():
     from transformers import GPT2Config, GPT2LMHeadModel
 

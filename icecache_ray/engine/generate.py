@@ -154,8 +154,7 @@ class SharedPrefill:
     def generate(self, config: IceCacheConfig, max_new_tokens: int, tokenizer=None, eos_token_id: int | None = None) -> GenerationResult:
         """Greedy decoding from the shared prefill with ``config``: the tokens :func:`generate`
         gives on the same prompt."""
-        seq = self._run(config, Sequence(self.prompt, max_new_tokens, _eos(tokenizer, eos_token_id)))
-        return result_of(seq, tokenizer)
+        return generate_prefilled([self], config, max_new_tokens, tokenizer, eos_token_id)[0]
 
     def nll(self, config: IceCacheConfig, target: list[int]) -> list[float]:
         """Teacher-forced negative log-likelihood of each token of ``target`` after the prompt."""
@@ -164,3 +163,24 @@ class SharedPrefill:
         scores = [-float(torch.log_softmax(self.logits.float(), -1)[target[0]])]
         self._run(config, seq, lambda logits: scores.append(-float(torch.log_softmax(logits.float(), -1)[target[len(scores)]])))
         return scores
+
+
+def generate_prefilled(prefills: list[SharedPrefill], config: IceCacheConfig, max_new_tokens: int, tokenizer=None,
+                       eos_token_id: int | None = None) -> list[GenerationResult]:
+    """Greedy decoding of several :class:`SharedPrefill` prompts (same model) under one
+    configuration, batched in one engine of one row each: every step decodes all of them in one
+    forward pass, and each gets the tokens it gets alone (the engine's invariant). Results in order."""
+    from icecache_ray.engine.local import LocalEngine
+
+    if not prefills:
+        return []
+    eos = _eos(tokenizer, eos_token_id)
+    seqs = [Sequence(p.prompt, max_new_tokens, eos) for p in prefills]
+    rows = len(seqs)
+    cfg = EngineConfig(max_running=rows, max_seq_len=max(seq.max_length for seq in seqs),
+                       max_step_tokens=max(EngineConfig().max_step_tokens, rows + 1))
+    with LocalEngine(prefills[0].model, config, cfg) as engine:
+        for prefill, seq in zip(prefills, seqs):
+            engine.add_prefilled(seq, prefill.keys, prefill.values, int(prefill.logits.argmax()))
+        engine.run()
+    return [result_of(seq, tokenizer) for seq in seqs]

@@ -181,6 +181,7 @@ def parse_args(argv=None):
     p.add_argument("--lengths", default="4096,7680", help="RULER prompt tokens")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--samples-per-variant", type=int, default=17, help="RULER prompts per variant and length (6 x 17 = 102)")
+    p.add_argument("--batch", type=int, default=8, help="RULER prompts of a variant decoded together under each configuration")
     p.add_argument("--longgen-texts", type=int, default=4)
     p.add_argument("--longgen-length", type=int, default=7168, help="prompt tokens before the continuation")
     p.add_argument("--longgen-tokens", type=int, default=512)
@@ -191,7 +192,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2)")
     args = p.parse_args(argv)
-    for name in ("samples_per_variant", "longgen_texts", "longgen_length", "longgen_tokens", "summary_docs", "summary_tokens"):
+    for name in ("samples_per_variant", "batch", "longgen_texts", "longgen_length", "longgen_tokens", "summary_docs", "summary_tokens"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be positive")
     args.parts = [x for x in args.parts.split(",") if x]
@@ -242,7 +243,7 @@ def main(argv=None) -> int:
         return summary
 
     if "ruler" in args.parts:
-        parts["ruler"] = run_ruler(model, tokenizer, runs, args.lengths, args.seed, args.variants, args.samples_per_variant)
+        parts["ruler"] = run_ruler(model, tokenizer, runs, args.lengths, args.seed, args.variants, args.samples_per_variant, args.batch)
         save()
     if "longgen" in args.parts:
         parts["longgen"] = run_longgen_texts(model, tokenizer, runs, args.longgen_length, args.longgen_tokens, args.longgen_texts)

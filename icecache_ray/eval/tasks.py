@@ -6,7 +6,7 @@ import logging
 import time
 
 from icecache_ray.config import IceCacheConfig
-from icecache_ray.engine.generate import SharedPrefill
+from icecache_ray.engine.generate import SharedPrefill, generate_prefilled
 from icecache_ray.eval import passkey, ruler
 
 log = logging.getLogger(__name__)
@@ -29,24 +29,32 @@ def run_passkey(model, tokenizer, runs, lengths, depths, seed) -> list[dict]:
     return rows
 
 
-def run_ruler(model, tokenizer, runs, lengths, seed, variants=ruler.VARIANTS, samples=2) -> list[dict]:
-    """RULER-style trials: ``samples`` prompts per variant and length, each decoded under every run."""
+def run_ruler(model, tokenizer, runs, lengths, seed, variants=ruler.VARIANTS, samples=2, batch: int = 8) -> list[dict]:
+    """RULER-style trials: ``samples`` prompts per variant and length, each decoded under every run.
+    Up to ``batch`` prompts of a variant are prefilled once each and decoded together under each
+    configuration (one engine step for all of them; a prompt's tokens do not depend on its batch)."""
     rows = []
     for length in lengths:
         for variant in variants:
-            for index in range(samples):
-                sample = ruler.build_sample(tokenizer, variant, length, ruler.sample_seed(seed, variant, length, index))
-                shared = SharedPrefill(model, sample.ids)  # one dense prefill for every policy
+            for first in range(0, samples, batch):
+                indices = range(first, min(samples, first + batch))
+                group = [ruler.build_sample(tokenizer, variant, length, ruler.sample_seed(seed, variant, length, i)) for i in indices]
+                prefills = [SharedPrefill(model, sample.ids) for sample in group]  # one dense prefill for every policy
                 for policy, budget, cfg in runs:
-                    result = shared.generate(cfg, ruler.MAX_NEW_TOKENS[variant], tokenizer=tokenizer)
-                    row = {"task": "ruler", "policy": policy, "budget": budget, "length": length, "prompt_tokens": len(sample.ids), "seed": seed,
-                           "score": ruler.score(variant, result.text, sample.answers), "variant": variant, "sample": index,
-                           "depth": sample.depth, "needle_depths": sample.needle_depths, "query": sample.query,
-                           "answers": sample.answers, "chat_template": sample.chat_template, "generated": result.text,
-                           "decode": result.stats}
-                    rows.append(row)
-                    log.info("ruler %s len=%d #%d %s@%s -> %r (%.2f)", variant, len(sample.ids), index, policy, budget, result.text, row["score"])
+                    results = generate_prefilled(prefills, cfg, ruler.MAX_NEW_TOKENS[variant], tokenizer=tokenizer)
+                    rows += [_ruler_row(sample, index, variant, length, seed, policy, budget, result)
+                             for sample, index, result in zip(group, indices, results)]
     return rows
+
+
+def _ruler_row(sample, index: int, variant: str, length: int, seed: int, policy: str, budget, result) -> dict:
+    row = {"task": "ruler", "policy": policy, "budget": budget, "length": length, "prompt_tokens": len(sample.ids), "seed": seed,
+           "score": ruler.score(variant, result.text, sample.answers), "variant": variant, "sample": index,
+           "depth": sample.depth, "needle_depths": sample.needle_depths, "query": sample.query,
+           "answers": sample.answers, "chat_template": sample.chat_template, "generated": result.text,
+           "decode": result.stats}
+    log.info("ruler %s len=%d #%d %s@%s -> %r (%.2f)", variant, len(sample.ids), index, policy, budget, result.text, row["score"])
+    return row
 
 
 def run_longgen(model, tokenizer, runs, lengths, new_tokens, seed) -> list[dict]:
