@@ -42,13 +42,6 @@ class Selection(PagePicks):
     token_rows: np.ndarray = field(default_factory=lambda: EMPTY)
     token_bounds: np.ndarray | None = None
 
-    def item_tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(pool pages [t], rows [t]) of item i's single tokens."""
-        if self.token_bounds is None:
-            return EMPTY, EMPTY
-        a, b = int(self.token_bounds[i]), int(self.token_bounds[i + 1])
-        return self.token_pool[a:b], self.token_rows[a:b]
-
 
 class LostStores(KeyError):
     """A request names a store this service does not hold: it was restarted since the store was

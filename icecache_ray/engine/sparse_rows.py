@@ -149,6 +149,7 @@ class SparseRows:
         loaded = np.bincount(np.searchsorted(rows, plan[1]), minlength=len(rows)) + token_pages
         step.count_pages(per_row, loaded, self.kv_page_bytes)
         stats.pages_selected += len(picks.pages) + int(token_pages.sum())
+        stats.pages_loaded += int(token_pages.sum())  # token slots are re-read every step
         stats.pages_hit += len(picks.pages) - len(plan[0])
         stats.select_ms += 1e3 * (time.perf_counter() - t0)
         return plan + tokens
@@ -156,17 +157,16 @@ class SparseRows:
     def _token_plan(self, rows: np.ndarray, picks) -> tuple[tuple, np.ndarray]:
         """Where each item's single tokens go: ((pool pages [t], rows in page [t], flat rows
         [2, t]), token-slot pages used per row [n]); marks the token slots' valid rows."""
-        heads, width = len(self.heads), self.ret_valid.shape[2] - self.token_start
+        heads = len(self.heads)
         self.ret_valid[rows, :, self.token_start :] = False
-        used = np.zeros(len(rows), np.int64)
-        if picks.token_bounds is None or not width:
-            return (EMPTY, EMPTY, np.zeros((2, 0), np.int64)), used
+        if picks.token_bounds is None or self.token_start == self.ret_valid.shape[2]:
+            return (EMPTY, EMPTY, np.zeros((2, 0), np.int64)), np.zeros(len(rows), np.int64)
         counts = np.diff(picks.token_bounds)
         item = np.repeat(np.arange(len(counts)), counts)  # item of each picked token
         slot = np.arange(len(item)) - picks.token_bounds[item]  # its rank inside the item
         row, head = rows[item // heads], item % heads
         self.ret_valid[row, head, self.token_start + slot] = True
-        used += -(-counts.reshape(len(rows), heads) // self.cfg.page_size).sum(axis=1)
+        used = (-(-counts.reshape(len(rows), heads) // self.cfg.page_size)).sum(axis=1)
         flat = self.kv.flat_rows(row, head, self.kv.slot_start + self.token_start + slot)
         return (picks.token_pool, picks.token_rows, flat), used
 
@@ -187,7 +187,6 @@ class SparseRows:
             kv = self.stores.pool.pages[token_pool, :, token_rows]  # [t, 2, d]
             self.kv.write(token_flat, torch.from_numpy(np.ascontiguousarray(kv.transpose(1, 0, 2))))
             stats.bytes_loaded += kv.nbytes
-            stats.pages_loaded += -(-len(token_pool) // self.cfg.page_size)
         stats.load_ms += 1e3 * (time.perf_counter() - t0)
 
     def _write_tokens(self, rows: np.ndarray, seqs: list[str], tokens: list[list[np.ndarray]], stats: StepStats, step) -> None:

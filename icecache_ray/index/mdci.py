@@ -353,7 +353,11 @@ class MDCIIndex:
             return QueryResult(empty, empty, empty, 0)
         candidates = self._candidate_pages(qs, int(k))
         scores = K.score_pages(qs, self.table.pool.pages, self.table.page_pool, self.table.page_count, candidates)
-        values, mass = K.page_values_and_token_mass(scores, self.scale, self.config.page_score == "mass")
+        use_mass = self.config.page_score == "mass"
+        if n_tokens > 0:
+            values, mass = K.page_values_and_token_mass(scores, self.scale, use_mass)
+        else:
+            values = K.page_log_values(scores, self.scale, use_mass)
         position = merge_group(values, int(k), self.config.gqa)
         chosen = candidates[position].astype(np.int32)
         token_pages, token_rows = np.zeros(0, np.int64), np.zeros(0, np.int64)
