@@ -162,3 +162,23 @@ def load_model(
     model.eval()
     log.info("loaded %s (%s, attn=%s) in %.2f s", folder, dtype, model.config._attn_implementation, time.perf_counter() - t0)
     return model, tokenizer
+
+
+# SmolLM2-135M-Instruct's shape (its config.json), for timing runs on machines without the bundled
+# model (a lent GPU machine cannot fetch it): same compute per token, meaningless tokens.
+SMOLLM2_SHAPE = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+)
+
+
+def random_smollm2(device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> "PreTrainedModel":
+    """SmolLM2-135M's architecture with random weights (seeded), in eval mode with SDPA attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).eval().to(device, dtype)
+    model.set_attn_implementation("sdpa")
+    return model
+

@@ -122,6 +122,30 @@ def test_throughput_bench_rejects_bad_arguments(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
+def test_throughput_random_weights_runs_without_the_bundled_model_or_data(tmp_path, monkeypatch):
+    """`--random-weights` (the GPU check's mode: a lent machine has neither the bundled model nor
+    ../shared): SmolLM2's shape, random-token documents of the asked lengths, every phase measured,
+    and the document that joined mid-flight still decodes the same tokens alone and in the batch."""
+    from icecache_ray import model as model_module
+    from icecache_ray.bench import throughput, workloads
+
+    def unavailable(*args, **kwargs):
+        raise AssertionError("--random-weights must not load the bundled model or read ../shared")
+
+    monkeypatch.setattr(model_module, "load_model", unavailable)
+    monkeypatch.setattr(workloads, "long_documents", unavailable)
+    out = tmp_path / "t.json"
+    argv = ["--random-weights", "--docs", "3", "--min-tokens", "300", "--max-tokens", "340", "--new-tokens", "4",
+            "--max-running", "1,2", "--e2e-running", "2", "--steps", "2", "--warmup", "1", "--policies", "full,icecache",
+            "--skip-ray", "--skip-hf", "--json", str(out)]
+    assert throughput.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["model"].endswith("(random weights)") and all(300 <= n <= 340 for n in data["doc_tokens"])
+    assert {(r["phase"], r["config"]) for r in data["rows"]} >= {("steady", "full"), ("steady", "icecache@256"),
+                                                                ("e2e", "icecache@256"), ("alone", "icecache@256")}
+    assert data["summary"]["tokens_identical"] is True
+
+
 @pytest.mark.realmodel
 def test_throughput_quick_run_reports_the_contract(tmp_path):
     """The CI smoke run of the throughput benchmark (`--quick`, the same code as the full run):

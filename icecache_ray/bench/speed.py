@@ -38,7 +38,7 @@ from icecache_ray.engine.local import LocalEngine
 from icecache_ray.engine.sequence import Sequence
 from icecache_ray.serving_config import EngineConfig
 from icecache_ray.haystack import essay_prompt_ids
-from icecache_ray.model import load_model
+from icecache_ray.model import SMOLLM2_SHAPE, load_model, random_smollm2
 
 log = logging.getLogger("icecache_ray.bench.speed")
 
@@ -74,22 +74,10 @@ def _parse(argv):
     return args
 
 
-# SmolLM2-135M-Instruct's shape (its config.json), for --random-weights.
-SMOLLM2_SHAPE = dict(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
-    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
-)
-
-
 def _model_and_prompt(args):
     dtype = getattr(torch, args.dtype)
     if args.random_weights:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).eval().to(args.device, dtype)
-        model.set_attn_implementation("sdpa")
+        model = random_smollm2(args.device, dtype)
         ids = torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (1, args.length), generator=torch.Generator().manual_seed(0))
         return model, ids.to(args.device)
     model, tok = load_model(args.model, dtype=dtype)

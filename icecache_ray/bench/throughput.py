@@ -64,6 +64,9 @@ def _parse(argv):
     p.add_argument("--policies", default="full,quest,icecache", help="policies to measure (comma separated)")
     p.add_argument("--select-threads", default="1",
                    help="threads of one batched selection; several values add steady-state rows (the first is used end to end)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="SmolLM2-135M's architecture with random weights and random-token documents (for machines "
+                        "without the bundled model or ../shared data, e.g. a lent GPU machine; timings are valid, tokens are not)")
     p.add_argument("--skip-ray", action="store_true", help="leave out the Ray engine run")
     p.add_argument("--skip-hf", action="store_true", help="leave out the transformers DynamicCache reference")
     p.add_argument("--skip-e2e", action="store_true", help="steady-state phase only")
@@ -101,13 +104,8 @@ def policies(budget: int, names=("full", "quest", "icecache")) -> dict[str, IceC
 
 # ---------------------------------------------------------------------------- the run
 def run(args) -> dict:
-    from icecache_ray.bench.workloads import long_documents
-    from icecache_ray.model import load_model
-
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model()
-    model.to(args.device)
-    docs = long_documents(tokenizer, args.docs, args.min_tokens, args.max_tokens)
+    model, docs = _model_and_documents(args)
     configs = policies(args.budget, args.policy_names)
     rows: list[dict] = []
     hf_prefill_s = _steady_phase(model, docs, configs, rows, args)
@@ -128,12 +126,25 @@ def run(args) -> dict:
     return _result(args, docs, hf_prefill_s, rows)
 
 
+def _model_and_documents(args):
+    """The bundled model and summarization prompts of the long texts, or (``--random-weights``)
+    SmolLM2's shape with random weights and random-token prompts of the same lengths."""
+    from icecache_ray.bench.workloads import long_documents, random_documents
+    from icecache_ray.model import SMOLLM2_SHAPE, load_model, random_smollm2
+
+    if args.random_weights:
+        docs = random_documents(args.docs, args.min_tokens, args.max_tokens, SMOLLM2_SHAPE["vocab_size"])
+        return random_smollm2(args.device), docs
+    model, tokenizer = load_model()
+    return model.to(args.device), long_documents(tokenizer, args.docs, args.min_tokens, args.max_tokens)
+
+
 def _result(args, docs, hf_prefill_s, rows) -> dict:
     for row in rows:
         log.info("%s", _line(row))
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} torch threads)"
     return {"date": time.strftime("%Y-%m-%d"), "device": device,
-            "model": "SmolLM2-135M-Instruct", "gomp_spincount": _SPIN_IN_EFFECT, "quick": args.quick, "budget": args.budget, "new_tokens": args.new_tokens,
+            "model": "SmolLM2-135M-Instruct" + (" (random weights)" if args.random_weights else ""), "gomp_spincount": _SPIN_IN_EFFECT, "quick": args.quick, "budget": args.budget, "new_tokens": args.new_tokens,
             "doc_tokens": [len(d) for d in docs], "hf_prefill_tok_s": hf_prefill_s, "rows": rows,
             "summary": summarize(rows, args)}
 

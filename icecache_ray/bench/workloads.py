@@ -156,3 +156,13 @@ def long_documents(tokenizer, n: int, min_tokens: int, max_tokens: int, seed: in
         piece = text[start : start + chars]
         out.append(chat_prompt(tokenizer, piece, DEFAULT_INSTRUCTION, target).ids)
     return out
+
+
+def random_documents(n: int, min_tokens: int, max_tokens: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """``n`` prompts of uniformly random token ids, ``min_tokens``..``max_tokens`` long (the same
+    lengths as :func:`long_documents` would draw with ``seed``), for random-weight timing runs."""
+    rng = np.random.default_rng(seed)
+    lengths = [int(rng.integers(min_tokens, max_tokens + 1)) for _ in range(n)]
+    ids = np.random.default_rng(seed + 1)
+    return [ids.integers(0, vocab_size, size=length).tolist() for length in lengths]
+
