@@ -69,6 +69,16 @@ def test_direct_copier_rejects_bad_ids_before_writing(pool):
     assert int((kv.kv != 0).sum()) == 0
 
 
+def test_resident_write_takes_host_rows_into_a_buffer_on_another_device():
+    """Token slots and token policies write rows gathered on the host: the buffer's device (here
+    PyTorch's "meta" device, which checks devices like CUDA does but needs no GPU) and dtype win."""
+    kv = ResidentKV(2, 3, 16, 8 * 16, 48, 32, torch.bfloat16, torch.device("meta"))
+    rows = kv.flat_rows(np.array([1]), np.arange(3)[:, None], kv.slot_start + np.arange(5)[None, :])
+    kv.write(rows, torch.ones(2, 3, 5, 32))
+    got = kv.read(rows)
+    assert got.device.type == "meta" and got.dtype == torch.bfloat16 and got.shape == (2, 3, 5, 32)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cupy_copier_equals_host_reference(pool):

@@ -42,12 +42,11 @@ def measure(n_pages: int, pool: PagePool, repeats: int) -> dict:
     p, d = pool.layout.page_size, pool.layout.head_dim
     rng = np.random.default_rng(n_pages)
     pages = rng.choice(pool.layout.capacity_pages, n_pages, replace=False).astype(np.int64)
-    keys = torch.zeros(1, 1, n_pages * p, d, device=device)
-    values = torch.zeros_like(keys)
-    rows = torch.arange(n_pages * p, device=device)
+    flat = torch.zeros(n_pages * 2 * p, d, device=device)  # K rows then V rows of each page, as in ResidentKV
+    rows = torch.randperm(n_pages * 2 * p, device=device)  # a scatter, as into decode slots
     copier = CupyPageCopier(pool.layout.page_shape, device, capacity_pages=n_pages)
     nbytes = n_pages * pool.layout.page_bytes
-    ours = _time(lambda: copier.copy(pool, pages, rows, keys, values), repeats)
+    ours = _time(lambda: copier.copy(pool, pages, rows, flat), repeats)
     pinned = cupy.cuda.alloc_pinned_memory(nbytes)
     dst = cupy.empty(nbytes // 4, cupy.float32)
     plain = _time(lambda: dst.data.copy_from_host(pinned.ptr, nbytes), repeats)

@@ -55,7 +55,8 @@ class ResidentKV:
     def write(self, rows: np.ndarray, kv: torch.Tensor) -> None:
         """``kv``: [2, ...rows.shape[1:], d] (K, V) into flat ``rows`` [2, ...]."""
         index = torch.from_numpy(np.ascontiguousarray(rows).reshape(-1)).to(self.kv.device)
-        self.flat.index_copy_(0, index, kv.reshape(-1, kv.shape[-1]).to(self.kv.dtype))
+        # ``kv`` may be a host tensor (rows gathered from the pool) while the buffer is on the GPU.
+        self.flat.index_copy_(0, index, kv.reshape(-1, kv.shape[-1]).to(self.flat.device, self.flat.dtype))
 
     def read(self, rows: np.ndarray) -> torch.Tensor:
         """[2, ...rows.shape[1:], d] (K, V) of flat ``rows`` [2, ...]."""
