@@ -44,9 +44,9 @@ bench-quick: setup
 bench-throughput: setup
 	$(VPY) -m icecache_ray.bench.throughput --json docs/results/throughput.json
 
-# The fidelity suite at the issue's size (~8-9 h on a 2-core CPU; README "Fidelity suite").
+# The fidelity suite at the issue's size (~8-9 h on a 2-core CPU; README "Fidelity suite"); run it again to go on.
 eval-suite: setup
-	$(VPY) -m icecache_ray.eval suite --json docs/results/suite.json
+	$(VPY) -m icecache_ray.eval suite --json docs/results/suite.json --resume
 
 # Needs a CUDA device: GPU tests and benches, JSON under docs/results/gpu/ (at most ~8 minutes).
 gpu-check: setup

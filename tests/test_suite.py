@@ -56,3 +56,37 @@ def test_bad_suite_options_are_named_before_any_model_loads(argv, match, tmp_pat
     with pytest.raises(SystemExit):
         main(["--json", str(tmp_path / "s.json"), *argv])
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.timeout(900)
+def test_resume_keeps_finished_prompts_and_runs_only_the_rest(never_eos_model_dir, tmp_path, monkeypatch):
+    """``--resume``: an earlier run's finished rows are kept as they were, only missing prompts and
+    parts run, a finished file runs nothing, and a run with other row-defining options is refused."""
+    from icecache_ray.engine import generate
+    from icecache_ray.eval import tasks
+
+    out = tmp_path / "suite.json"
+    base = ["--json", str(out), "--model", str(never_eos_model_dir), "--lengths", "400", "--variants", "niah_single",
+            "--longgen-texts", "1", "--longgen-length", "200", "--longgen-tokens", "4", "--summary-docs", "1",
+            "--summary-tokens", "4", "--batch", "1"]
+    assert main(base + ["--samples-per-variant", "1", "--parts", "ruler"]) == 0
+    first = json.loads(out.read_text())
+    more = base + ["--samples-per-variant", "2", "--parts", "ruler,longgen", "--resume"]
+    assert main(more) == 0
+    second = json.loads(out.read_text())
+    assert [r for r in second["rows"]["ruler"] if r["sample"] == 0] == first["rows"]["ruler"]
+    assert {r["sample"] for r in second["rows"]["ruler"]} == {0, 1} and second["summary"]["ruler_400"]["full"]["n"] == 2
+    assert len(second["rows"]["longgen"]) == 12 and second["wall_s"] > first["wall_s"]
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a resumed run with nothing left must not prefill")
+
+    monkeypatch.setattr(tasks, "SharedPrefill", no_decoding)
+    monkeypatch.setattr(generate, "SharedPrefill", no_decoding)
+    assert main(more) == 0
+    assert json.loads(out.read_text())["rows"] == second["rows"]
+    with pytest.raises(SystemExit, match="was run with seed=0, this run has 1"):
+        main(more + ["--seed", "1"])
+    out.write_text("{not json")
+    with pytest.raises(SystemExit, match="not a fidelity-suite JSON"):
+        main(more)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable, Collection
 
 import numpy as np
 
@@ -101,23 +102,29 @@ def forced_nll_rows(task: str, shared, reference: list[int], runs, **facts) -> l
     return rows
 
 
-def run_longgen_texts(model, tokenizer, runs, length: int, new_tokens: int, texts: int) -> list[dict]:
+def run_longgen_texts(model, tokenizer, runs, length: int, new_tokens: int, texts: int,
+                      skip: Collection[tuple] = (), on_unit: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """``texts`` essay prompts of ``length`` tokens (seeds 0, 1, ...): NLL rows of the full cache's
-    greedy ``new_tokens``-token continuation under every configuration."""
+    greedy ``new_tokens``-token continuation under every configuration. ``skip``: ``(text,)``
+    already done; ``on_unit``: called with each text's rows."""
     from icecache_ray.engine.generate import SharedPrefill
     from icecache_ray.haystack import essay_prompt_ids
 
     rows = []
     for text in range(texts):
+        if (text,) in skip:
+            continue
         shared = SharedPrefill(model, essay_prompt_ids(tokenizer, length, seed=text)[0].tolist())
         reference = shared.generate(IceCacheConfig(policy="full"), new_tokens).token_ids
-        rows += forced_nll_rows("longgen", shared, reference, runs, text=text, length=length)
+        rows += _finished(on_unit, forced_nll_rows("longgen", shared, reference, runs, text=text, length=length))
     return rows
 
 
-def run_summary_fidelity(model, tokenizer, runs, corpus: str, documents: int, new_tokens: int) -> list[dict]:
+def run_summary_fidelity(model, tokenizer, runs, corpus: str, documents: int, new_tokens: int,
+                         skip: Collection[tuple] = (), on_unit: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """The first ``documents`` documents of ``corpus`` in the batch job's chat prompt: NLL rows of
-    the full cache's greedy summary (up to ``new_tokens``, ends at EOS) under every configuration."""
+    the full cache's greedy summary (up to ``new_tokens``, ends at EOS) under every configuration.
+    ``skip``: ``(document id,)`` already done; ``on_unit``: called with each document's rows."""
     from icecache_ray.engine.generate import SharedPrefill
     from icecache_ray.jobs.inputs import list_sources, read_documents
     from icecache_ray.jobs.prompts import DEFAULT_INSTRUCTION, chat_prompt
@@ -129,13 +136,22 @@ def run_summary_fidelity(model, tokenizer, runs, corpus: str, documents: int, ne
     room = model.config.max_position_embeddings - new_tokens
     rows = []
     for doc in docs[:documents]:
+        if (doc.id,) in skip:
+            continue
         prompt = chat_prompt(tokenizer, doc.text, DEFAULT_INSTRUCTION, room)
         shared = SharedPrefill(model, prompt.ids)
         reference = shared.generate(IceCacheConfig(policy="full"), new_tokens, tokenizer=tokenizer).token_ids
         if not reference:
             log.warning("summary %s: the full cache generated nothing; skipped", doc.id)
             continue
-        rows += forced_nll_rows("summary", shared, reference, runs, document=doc.id, prompt_tokens=len(prompt.ids))
+        rows += _finished(on_unit, forced_nll_rows("summary", shared, reference, runs, document=doc.id,
+                                                   prompt_tokens=len(prompt.ids)))
+    return rows
+
+
+def _finished(on_unit, rows: list[dict]) -> list[dict]:
+    if on_unit is not None:
+        on_unit(rows)
     return rows
 
 
@@ -191,6 +207,8 @@ def parse_args(argv=None):
     p.add_argument("--parts", default="ruler,longgen,summary", help="which parts to run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep what an earlier run finished in --json (same seed, texts, corpus, model) and run only the rest")
     args = p.parse_args(argv)
     for name in ("samples_per_variant", "batch", "longgen_texts", "longgen_length", "longgen_tokens", "summary_docs", "summary_tokens"):
         if getattr(args, name) <= 0:
@@ -218,37 +236,57 @@ def _default_corpus():
 
 
 def main(argv=None) -> int:
-    """Run the suite; the JSON is rewritten after each part, so a long run keeps what it finished."""
-    import json
-    import sys
-    import time
+    """Run the suite; the JSON is rewritten (atomically) after each RULER prompt group, long-generation
+    text and summary document, so a long run keeps what it finished and ``--resume`` goes on from there."""
     from pathlib import Path
 
+    from icecache_ray.eval import checkpoint
     from icecache_ray.eval.tasks import run_ruler
     from icecache_ray.model import load_model
 
     args = parse_args(argv)
+    runs, out = suite_runs(), Path(args.json)
+    parts, wall_before = checkpoint.load_previous(out, vars(args), len(runs)) if args.resume else ({p: [] for p in checkpoint.PARTS}, 0.0)
+    if any(parts.values()):
+        log.info("--resume: keeping %s finished rows of %s", {p: len(r) for p, r in parts.items()}, out)
     model, tokenizer = load_model(args.model)
     context = model.config.max_position_embeddings
     if max(args.lengths) > context or args.longgen_length + args.longgen_tokens > context:
         raise SystemExit(f"--lengths / --longgen-length + --longgen-tokens must fit the model's {context}-token context")
-    runs, out, t0 = suite_runs(), Path(args.json), time.perf_counter()
-    parts: dict[str, list[dict]] = {"ruler": [], "longgen": [], "summary": []}
-
-    def save() -> dict:
-        summary = summarize_suite(parts["ruler"], parts["longgen"], parts["summary"])
-        out.write_text(json.dumps({"summary": summary, "rows": parts, "argv": sys.argv[1:], "args": vars(args),
-                                   "wall_s": time.perf_counter() - t0}, indent=1, default=str))
-        out.with_suffix(".md").write_text(markdown(summary))
-        return summary
-
+    save = _saver(out, parts, args, wall_before)
+    done = {part: {checkpoint.unit_of(r, part) for r in rows} for part, rows in parts.items()}
     if "ruler" in args.parts:
-        parts["ruler"] = run_ruler(model, tokenizer, runs, args.lengths, args.seed, args.variants, args.samples_per_variant, args.batch)
-        save()
+        run_ruler(model, tokenizer, runs, args.lengths, args.seed, args.variants, args.samples_per_variant, args.batch,
+                  skip=done["ruler"], on_group=save("ruler"))
     if "longgen" in args.parts:
-        parts["longgen"] = run_longgen_texts(model, tokenizer, runs, args.longgen_length, args.longgen_tokens, args.longgen_texts)
-        save()
+        run_longgen_texts(model, tokenizer, runs, args.longgen_length, args.longgen_tokens, args.longgen_texts,
+                          skip=done["longgen"], on_unit=save("longgen"))
     if "summary" in args.parts:
-        parts["summary"] = run_summary_fidelity(model, tokenizer, runs, args.corpus, args.summary_docs, args.summary_tokens)
-    print(markdown(save()))
+        run_summary_fidelity(model, tokenizer, runs, args.corpus, args.summary_docs, args.summary_tokens,
+                             skip=done["summary"], on_unit=save("summary"))
+    print(markdown(save(None)([])))
     return 0
+
+
+def _saver(out, parts: dict[str, list[dict]], args, wall_before: float):
+    """``save(part)(rows)``: add ``rows`` to ``part`` and rewrite the JSON and its Markdown table;
+    returns the summary."""
+    import json
+    import sys
+    import time
+
+    from icecache_ray.eval.checkpoint import write_atomic
+
+    t0 = time.perf_counter()
+
+    def save(part: str | None):
+        def add(rows: list[dict]) -> dict:
+            if part is not None:
+                parts[part] += rows
+            summary = summarize_suite(parts["ruler"], parts["longgen"], parts["summary"])
+            write_atomic(out, json.dumps({"summary": summary, "rows": parts, "argv": sys.argv[1:], "args": vars(args),
+                                          "wall_s": wall_before + time.perf_counter() - t0}, indent=1, default=str))
+            write_atomic(out.with_suffix(".md"), markdown(summary))
+            return summary
+        return add
+    return save

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Collection
 
 from icecache_ray.config import IceCacheConfig
 from icecache_ray.engine.generate import SharedPrefill, generate_prefilled
@@ -29,21 +30,37 @@ def run_passkey(model, tokenizer, runs, lengths, depths, seed) -> list[dict]:
     return rows
 
 
-def run_ruler(model, tokenizer, runs, lengths, seed, variants=ruler.VARIANTS, samples=2, batch: int = 8) -> list[dict]:
+def run_ruler(model, tokenizer, runs, lengths, seed, variants=ruler.VARIANTS, samples=2, batch: int = 8,
+              skip: Collection[tuple[int, str, int]] = (), on_group: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """RULER-style trials: ``samples`` prompts per variant and length, each decoded under every run.
     Up to ``batch`` prompts of a variant are prefilled once each and decoded together under each
-    configuration (one engine step for all of them; a prompt's tokens do not depend on its batch)."""
+    configuration (one engine step for all of them; a prompt's tokens do not depend on its batch).
+
+    Prompts go in rounds of ``batch`` per (length, variant), so a run cut short has every variant
+    and length about equally far. ``skip``: (length, variant, sample) already done (a resumed
+    run); ``on_group``: called with each finished group's rows (the suite saves there)."""
     rows = []
-    for length in lengths:
-        for variant in variants:
-            for first in range(0, samples, batch):
-                indices = range(first, min(samples, first + batch))
-                group = [ruler.build_sample(tokenizer, variant, length, ruler.sample_seed(seed, variant, length, i)) for i in indices]
-                prefills = [SharedPrefill(model, sample.ids) for sample in group]  # one dense prefill for every policy
-                for policy, budget, cfg in runs:
-                    results = generate_prefilled(prefills, cfg, ruler.MAX_NEW_TOKENS[variant], tokenizer=tokenizer)
-                    rows += [_ruler_row(sample, index, variant, length, seed, policy, budget, result)
-                             for sample, index, result in zip(group, indices, results)]
+    for first in range(0, samples, batch):
+        for length in lengths:
+            for variant in variants:
+                indices = [i for i in range(first, min(samples, first + batch)) if (length, variant, i) not in skip]
+                if indices:
+                    group = _ruler_group(model, tokenizer, runs, length, variant, seed, indices)
+                    rows += group
+                    if on_group is not None:
+                        on_group(group)
+    return rows
+
+
+def _ruler_group(model, tokenizer, runs, length: int, variant: str, seed: int, indices: list[int]) -> list[dict]:
+    """Rows of the prompts ``indices`` of one (length, variant), prefilled once, decoded together."""
+    group = [ruler.build_sample(tokenizer, variant, length, ruler.sample_seed(seed, variant, length, i)) for i in indices]
+    prefills = [SharedPrefill(model, sample.ids) for sample in group]  # one dense prefill for every policy
+    rows = []
+    for policy, budget, cfg in runs:
+        results = generate_prefilled(prefills, cfg, ruler.MAX_NEW_TOKENS[variant], tokenizer=tokenizer)
+        rows += [_ruler_row(sample, index, variant, length, seed, policy, budget, result)
+                 for sample, index, result in zip(group, indices, results)]
     return rows
 
 

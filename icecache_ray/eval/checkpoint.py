@@ -1,0 +1,64 @@
+"""Resuming the fidelity suite (``--resume``): what an earlier run in the same JSON already finished,
+and saves that never leave a half-written file (the full-size suite runs for hours)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+PARTS = ("ruler", "longgen", "summary")
+# The arguments that decide what a finished row holds: a resumed run must not mix other values in.
+ROW_DEFINING_ARGS = ("seed", "longgen_length", "longgen_tokens", "summary_tokens", "corpus", "model")
+# What identifies one unit of work in each part (one prompt, one text, one document).
+UNIT_KEYS = {"ruler": ("length", "variant", "sample"), "longgen": ("text",), "summary": ("document",)}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename: a reader (or a run killed
+    mid-write) sees the old file or the new one, never part of one."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def load_previous(path: Path, args: dict, n_runs: int) -> tuple[dict[str, list[dict]], float]:
+    """(rows per part, wall seconds spent so far) of the earlier run in ``path``, keeping only
+    units that all ``n_runs`` configurations finished; nothing when ``path`` does not exist.
+
+    Raises SystemExit naming the argument when the earlier run used a different value of one of
+    ``ROW_DEFINING_ARGS``, or naming the file when it is not a suite JSON."""
+    if not path.exists():
+        return {part: [] for part in PARTS}, 0.0
+    try:
+        previous = json.loads(path.read_text())
+        old_args, rows = previous["args"], previous["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--resume: {path} is not a fidelity-suite JSON ({type(exc).__name__}: {exc})") from None
+    for name in ROW_DEFINING_ARGS:
+        if _plain(old_args.get(name)) != _plain(args.get(name)):
+            raise SystemExit(f"--resume: {path} was run with {name}={old_args.get(name)!r}, this run has {args.get(name)!r}; "
+                             "use another --json or the same value")
+    kept = {}
+    for part in PARTS:
+        done = finished(rows.get(part, []), UNIT_KEYS[part], n_runs)
+        kept[part] = [r for r in rows.get(part, []) if unit_of(r, part) in done]
+    return kept, float(previous.get("wall_s", 0.0))
+
+
+def unit_of(row: dict, part: str) -> tuple:
+    """The unit (prompt, text or document) a row belongs to."""
+    return tuple(row[k] for k in UNIT_KEYS[part])
+
+
+def finished(rows: list[dict], key_fields: tuple[str, ...], n_runs: int) -> set[tuple]:
+    """Units (values of ``key_fields``) whose rows cover ``n_runs`` configurations."""
+    configs: dict[tuple, set] = defaultdict(set)
+    for r in rows:
+        configs[tuple(r[k] for k in key_fields)].add((r["policy"], r["budget"]))
+    return {unit for unit, seen in configs.items() if len(seen) >= n_runs}
