@@ -550,6 +550,16 @@ class PagePool:
         ids = self._page_ids(page_ids, "read")
         return self._gather(self.pages, ids, out, as_float32, "read")
 
+    def read_rows(self, page_ids: Any, rows: Any, out: np.ndarray | None = None, as_float32: bool = True) -> np.ndarray:
+        """Gather single tokens: K and V of row ``rows[i]`` of page ``page_ids[i]`` (both [t]).
+
+        Returns [t, 2, head_dim] (float32 unless ``as_float32=False``) into a new array or ``out``."""
+        ids = self._page_ids(page_ids, "read_rows")
+        r = np.asarray(rows).astype(np.int64, copy=False).ravel()
+        if r.shape != ids.shape or (r.size and (r.min() < 0 or r.max() >= self._layout.page_size)):
+            raise ValueError(f"read_rows: rows must be {len(ids)} integers in [0, {self._layout.page_size}), got {r[:8].tolist()}")
+        return self._gather(self.pages, ids, out, as_float32, "read_rows", rows=r)
+
     def keys(self, page_ids: Any, as_float32: bool = True) -> np.ndarray:
         """K rows of pages: [n, page_size, head_dim] (a copy; float32 unless ``as_float32=False``)."""
         ids = self._page_ids(page_ids, "keys")
@@ -560,23 +570,31 @@ class PagePool:
         ids = self._page_ids(page_ids, "values")
         return self._gather(self.pages[:, 1], ids, None, as_float32, "values")
 
-    def _gather(self, src: np.ndarray, ids: np.ndarray, out: np.ndarray | None, as_float32: bool, what: str) -> np.ndarray:
-        """Copy ``src[ids]`` (src [capacity, ...]) into ``out`` [n, ...], converting if asked."""
+    def _gather(self, src: np.ndarray, ids: np.ndarray, out: np.ndarray | None, as_float32: bool, what: str,
+                rows: np.ndarray | None = None) -> np.ndarray:
+        """Copy ``src[ids]`` (src [capacity, ...]) into ``out`` [n, ...], converting if asked; with
+        ``rows``, one row of each page: ``src[ids, :, rows]`` [n, 2, d]."""
         storage = self._layout.numpy_dtype
         dtype = np.dtype(np.float32) if as_float32 else storage
-        shape = (len(ids),) + src.shape[1:]
+        shape = (len(ids),) + (src.shape[1:] if rows is None else (src.shape[1], src.shape[3]))
         if out is None:
             out = np.empty(shape, dtype)
         elif not isinstance(out, np.ndarray):
             raise TypeError(f"{what}: out must be a numpy array, got {type(out).__name__}")
         elif out.shape != shape or out.dtype != dtype or not out.flags.writeable:
             raise ValueError(f"{what}: out must be a writeable {dtype} array of shape {shape}, got {out.dtype} {out.shape}")
-        if dtype == storage:
+
+        def taken():
+            return np.take(src, ids, axis=0) if rows is None else src[ids, :, rows]
+
+        if dtype == storage and rows is None:
             np.take(src, ids, axis=0, out=out)
+        elif dtype == storage:
+            out[...] = taken()
         elif self._layout.dtype == "bfloat16":
             bits = out.view(np.uint32)
-            bits[...] = np.take(src, ids, axis=0)
+            bits[...] = taken()
             bits <<= np.uint32(16)
         else:
-            out[...] = np.take(src, ids, axis=0)
+            out[...] = taken()
         return out

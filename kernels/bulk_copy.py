@@ -9,9 +9,11 @@ slot row (no staging array, no torch ops; a decode step's loads are mostly per-c
 staging buffer, one ``cudaMemcpyAsync`` moves it to a device staging buffer on a dedicated CuPy
 stream, and the scatter runs on that same stream (torch sees it as an external stream); the
 current torch stream then waits on an event, so attention never reads a half-copied slot and
-the host never blocks on the copy. Both expose the same ``copy(pool, pages, rows, flat)``: pages
-[m] land in the rows [m * 2 * P] (K rows then V rows of each page, as the gather lays them out)
-of ``flat``, the [rows, d] view of a device K/V buffer.
+the host never blocks on the copy. All expose the same ``copy(pool, pages, rows, flat,
+token_pages, token_rows)``: pages [m] land in the first m * 2 * P of ``rows`` (K rows then V rows
+of each page, as the gather lays them out), then the single tokens (row ``token_rows[i]`` of page
+``token_pages[i]``, the token slots) in the last 2 t (each token's K row, then its V row), all of
+``flat``, the [rows, d] view of a device K/V buffer: one gather, one copy and one scatter for both.
 """
 
 from __future__ import annotations
@@ -21,17 +23,22 @@ import torch
 from numba import njit
 
 
+EMPTY = np.zeros(0, np.int64)
+
+
 class HostPageCopier:
     """Reference path (any device): see module docstring."""
 
     name = "host"
 
-    def copy(self, pool, pages: np.ndarray, rows: torch.Tensor, flat: torch.Tensor) -> int:
-        """pages: [m] pool page ids; rows: [m * 2 * P] rows of ``flat`` [N, d].
-        Returns bytes moved host -> device."""
-        staged = torch.from_numpy(pool.read(pages))
-        flat.index_copy_(0, rows, staged.view(-1, staged.shape[-1]).to(flat.device, flat.dtype))
-        return staged.numel() * staged.element_size()
+    def copy(self, pool, pages: np.ndarray, rows: torch.Tensor, flat: torch.Tensor,
+             token_pages: np.ndarray = EMPTY, token_rows: np.ndarray = EMPTY) -> int:
+        """pages: [m] pool page ids; token_pages, token_rows: [t]; rows: [m * 2 * P + 2 * t] rows
+        of ``flat`` [N, d]. Returns bytes moved host -> device."""
+        d = flat.shape[-1]
+        staged = np.concatenate([pool.read(pages).reshape(-1, d), pool.read_rows(token_pages, token_rows).reshape(-1, d)])
+        flat.index_copy_(0, rows, torch.from_numpy(staged).to(flat.device, flat.dtype))
+        return staged.nbytes
 
 
 @njit(cache=True)
@@ -54,16 +61,41 @@ def copy_pages_to_rows(pool_pages: np.ndarray, pages: np.ndarray, rows: np.ndarr
                 dst[rows[(i * 2 + t) * psize + s]] = pool_pages[pages[i], t, s]
 
 
+@njit(cache=True)
+def copy_tokens_to_rows(pool_pages: np.ndarray, pages: np.ndarray, prow: np.ndarray, rows: np.ndarray, dst: np.ndarray) -> None:
+    """pool_pages: [capacity, 2, P, d]; token i = row ``prow[i]`` of page ``pages[i]`` (both [t]);
+    rows: [2 * t] rows of ``dst`` [N, d] (each token's K row, then its V row). Bounds are checked
+    before anything is written."""
+    t = pages.shape[0]
+    if prow.shape[0] != t or rows.shape[0] != 2 * t or dst.shape[1] != pool_pages.shape[3]:
+        raise ValueError("copy_tokens_to_rows: rows / dst do not match the tokens")
+    for i in range(t):
+        if pages[i] < 0 or pages[i] >= pool_pages.shape[0] or prow[i] < 0 or prow[i] >= pool_pages.shape[2]:
+            raise ValueError("copy_tokens_to_rows: token out of range")
+    for r in range(rows.shape[0]):
+        if rows[r] < 0 or rows[r] >= dst.shape[0]:
+            raise ValueError("copy_tokens_to_rows: row out of range")
+    for i in range(t):
+        for kv in range(2):
+            dst[rows[2 * i + kv]] = pool_pages[pages[i], kv, prow[i]]
+
+
 class DirectPageCopier:
     """CPU path (float32 pool into a float32 CPU buffer): see module docstring."""
 
     name = "direct"
 
-    def copy(self, pool, pages: np.ndarray, rows: torch.Tensor, flat: torch.Tensor) -> int:
+    def copy(self, pool, pages: np.ndarray, rows: torch.Tensor, flat: torch.Tensor,
+             token_pages: np.ndarray = EMPTY, token_rows: np.ndarray = EMPTY) -> int:
         """Same contract as :meth:`HostPageCopier.copy`."""
         ids = np.ascontiguousarray(pages, np.int64)
-        copy_pages_to_rows(pool.pages, ids, rows.numpy(), flat.numpy())
-        return len(ids) * pool.layout.page_bytes
+        index, dst = rows.numpy(), flat.numpy()
+        n_page_rows = len(ids) * 2 * pool.layout.page_size
+        copy_pages_to_rows(pool.pages, ids, index[:n_page_rows], dst)
+        tokens = np.ascontiguousarray(token_pages, np.int64)
+        if len(tokens):
+            copy_tokens_to_rows(pool.pages, tokens, np.ascontiguousarray(token_rows, np.int64), index[n_page_rows:], dst)
+        return (n_page_rows + 2 * len(tokens)) * dst.shape[1] * 4
 
 
 class CupyPageCopier:
@@ -91,21 +123,27 @@ class CupyPageCopier:
             self.staging = cp.empty((capacity_pages,) + self.page_shape, cp.float32)
         self.capacity = capacity_pages
 
-    def copy(self, pool, pages: np.ndarray, rows: torch.Tensor, flat: torch.Tensor) -> int:
+    def copy(self, pool, pages: np.ndarray, rows: torch.Tensor, flat: torch.Tensor,
+             token_pages: np.ndarray = EMPTY, token_rows: np.ndarray = EMPTY) -> int:
+        """Same contract as :meth:`HostPageCopier.copy`; pages then tokens share the staging."""
         if pool.layout.dtype != "float32":
             raise ValueError(f"CupyPageCopier needs a float32 pool, got {pool.layout.dtype}")
-        m = len(pages)
-        if m > self.capacity:
+        m, t = len(pages), len(token_pages)
+        psize, d = self.page_shape[1], self.page_shape[2]
+        need = m + -(-t // psize)  # 2 t token rows take t / P pages' room
+        if need > self.capacity:
             self.stream.synchronize()  # the old buffers may still be in use by a queued copy
-            self._alloc(max(m, 2 * self.capacity))
+            self._alloc(max(need, 2 * self.capacity))
         self.stream.synchronize()  # the pinned buffer is reused: the previous copy must be done
         pool.read(pages, out=self.pinned[:m])  # the gather, straight into page-locked memory
-        nbytes = m * int(np.prod(self.page_shape)) * 4
-        dst = self.staging[:m]
-        dst.data.copy_from_host_async(self.pinned[:m].ctypes.data, nbytes, stream=self.stream)  # the one copy
+        n_rows = m * 2 * psize + 2 * t
+        if t:
+            pool.read_rows(token_pages, token_rows, out=self.pinned.reshape(-1, d)[m * 2 * psize : n_rows].reshape(t, 2, d))
+        nbytes = n_rows * d * 4
+        self.staging.data.copy_from_host_async(self.pinned.ctypes.data, nbytes, stream=self.stream)  # the one copy
         with torch.cuda.stream(self.torch_stream):
-            staged = torch.as_tensor(dst, device=self.device)
-            flat.index_copy_(0, rows, staged.view(-1, staged.shape[-1]).to(flat.dtype))  # the scatter, same stream
+            staged = torch.as_tensor(self.staging, device=self.device).view(-1, d)[:n_rows]
+            flat.index_copy_(0, rows, staged.to(flat.dtype))  # the scatter, same stream
         torch.cuda.current_stream(self.device).wait_stream(self.torch_stream)
         return nbytes
 

@@ -392,3 +392,4 @@ def test_cuda_sparse_decode_equals_the_cpu_engine(policy):
     got = _batched_logits(_model().to("cuda"), prompts, forced, cfg)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **TOL)
+

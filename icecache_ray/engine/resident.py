@@ -63,19 +63,21 @@ class ResidentKV:
         index = torch.from_numpy(np.ascontiguousarray(rows).reshape(-1)).to(self.kv.device)
         return self.flat.index_select(0, index).view(*rows.shape, self.flat.shape[1])
 
-    def page_rows(self, b: np.ndarray, h: np.ndarray, slots: np.ndarray, page_size: int) -> torch.Tensor:
+    def page_rows(self, b: np.ndarray, h: np.ndarray, slots: np.ndarray, page_size: int) -> np.ndarray:
         """Flat rows of whole slots in the order of a pool gather [m, 2, P]: int64 [m * 2 * P]."""
         pos = self.slot_start + slots[:, None] * page_size + np.arange(page_size)[None, :]  # [m, P]
         rows = self.flat_rows(b[:, None], h[:, None], pos)  # [2, m, P]
-        return torch.from_numpy(rows.transpose(1, 0, 2).reshape(-1)).to(self.kv.device)
+        return rows.transpose(1, 0, 2).reshape(-1)
 
-    def load(self, pool, pages: np.ndarray, rows: torch.Tensor) -> int:
-        """Copy pool pages [m] into the slot ``rows`` of :meth:`page_rows`: one gather, one copy to
-        the device (asynchronous from pinned memory with CuPy on CUDA), one scatter.
-        Returns bytes moved."""
+    def load(self, pool, pages: np.ndarray, rows: np.ndarray, token_pages: np.ndarray, token_rows: np.ndarray) -> int:
+        """Copy pool pages [m] and single tokens (row ``token_rows[i]`` of page ``token_pages[i]``,
+        [t]) into ``rows`` [m * 2 * P + 2 * t] (:meth:`page_rows`, then each token's K and V row):
+        one gather, one copy to the device (asynchronous from pinned memory with CuPy on CUDA),
+        one scatter. Returns bytes moved."""
         if self._copier is None:
             self._copier = make_copier(self.kv.device, pool.layout.page_shape, pool.layout.dtype, self.kv.dtype)
-        return self._copier.copy(pool, pages, rows, self.flat)
+        index = torch.from_numpy(np.ascontiguousarray(rows, np.int64)).to(self.kv.device)
+        return self._copier.copy(pool, pages, index, self.flat, token_pages, token_rows)
 
     def attend(self, query: torch.Tensor, mask: np.ndarray, rows: np.ndarray, scaling: float) -> torch.Tensor:
         """Decode attention of one query per row. query: [n, Hq, d]; mask: [n, H, L] bool (True =

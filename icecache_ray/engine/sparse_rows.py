@@ -175,18 +175,14 @@ class SparseRows:
         return 2 * self.cfg.page_size * self.kv.kv.shape[-1] * self.kv.kv.element_size()
 
     def _load_pages(self, plan: tuple, stats: StepStats) -> None:
-        """One gather from the host pool, one copy, one scatter for the whole layer (pages), and
-        the same for the single tokens of the token slots."""
+        """One gather from the host pool, one copy, one scatter for the whole layer: the pages
+        missing from their slots, then the single tokens of the token slots."""
         t0 = time.perf_counter()
         pages, prow, heads, slots, token_pool, token_rows, token_flat = plan
-        if len(pages):
-            flat = self.kv.page_rows(prow, heads, slots, self.cfg.page_size)
-            stats.bytes_loaded += self.kv.load(self.stores.pool, pages, flat)
+        if len(pages) or len(token_pool):
+            rows = np.concatenate([self.kv.page_rows(prow, heads, slots, self.cfg.page_size), token_flat.T.reshape(-1)])
+            stats.bytes_loaded += self.kv.load(self.stores.pool, pages, rows, token_pool, token_rows)
             stats.pages_loaded += len(pages)
-        if len(token_pool):
-            kv = self.stores.pool.pages[token_pool, :, token_rows]  # [t, 2, d]
-            self.kv.write(token_flat, torch.from_numpy(np.ascontiguousarray(kv.transpose(1, 0, 2))))
-            stats.bytes_loaded += kv.nbytes
         stats.load_ms += 1e3 * (time.perf_counter() - t0)
 
     def _write_tokens(self, rows: np.ndarray, seqs: list[str], tokens: list[list[np.ndarray]], stats: StepStats, step) -> None:
