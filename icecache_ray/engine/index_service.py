@@ -178,7 +178,7 @@ class IndexService:
             store = self._store(layer, key)
             pages = store.insert(*self._rows(inbox, it))
             if self.pool is not None:
-                self.dirty[layer].setdefault(key, []).append(store.index.table.page_pool[pages])
+                self.dirty[layer].setdefault(key, []).append(store.pool_pages(pages))
         return sum(it.n for it in items)
 
     # ------------------------------------------------------------------ reads
@@ -215,7 +215,7 @@ class IndexService:
             return EMPTY, EMPTY, self.policy.select(store, q, k).tokens, EMPTY, EMPTY
         pages, pool_pages, counts, t_pages, t_rows = store.select_pages(np.ascontiguousarray(q), *self.policy.split(k))
         tokens = store.tokens_of(pages, t_pages, t_rows) if with_tokens else None
-        return pool_pages, counts, tokens, store.index.table.page_pool[t_pages], t_rows
+        return pool_pages, counts, tokens, store.pool_pages(t_pages), t_rows
 
     @_layer_locked
     def token_rows(self, layer: int, seq: str, head: int, tokens: np.ndarray):
@@ -225,8 +225,7 @@ class IndexService:
         store = self._store(layer, (seq, head))
         if self.pool is None:
             return store.rows(tokens)
-        page, slot = store.index.token_locations(tokens)
-        return store.index.table.page_pool[page], slot
+        return store.locations(tokens)
 
     # ------------------------------------------------------------------ lifecycle
     def release(self, seqs: list[str]) -> int:

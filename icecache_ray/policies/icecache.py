@@ -42,11 +42,19 @@ class IndexStore:
             tokens = np.concatenate([tokens, self.index.table.page_tokens[token_pages, token_rows].astype(np.int64)])
         return tokens
 
+    def pool_pages(self, pages: np.ndarray) -> np.ndarray:
+        """Pool page ids [n] of index pages [n]."""
+        return self.index.table.page_pool[pages]
+
+    def locations(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where middle tokens [n] live: (pool pages [n], rows in page [n])."""
+        page, slot = self.index.token_locations(tokens)
+        return self.pool_pages(page), slot
+
     def rows(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """K, V rows [n, d] of middle tokens ``tokens`` [n], read from the pool."""
-        page, slot = self.index.token_locations(tokens)
-        rows = self.index.table.pool.pages[self.index.table.page_pool[page], :, slot]  # [n, 2, d]
-        return rows[:, 0], rows[:, 1]
+        kv = self.index.table.pool.read_rows(*self.locations(tokens))  # [n, 2, d]
+        return kv[:, 0], kv[:, 1]
 
     def release(self) -> None:
         self.index.release()
