@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from icecache_ray.eval.suite import bootstrap_ci, budget_to_match_full, main, score_table
+from icecache_ray.eval.suite import main
+from icecache_ray.eval.suite_report import bootstrap_ci, budget_to_match_full, paired_difference, score_table, summarize_suite
 
 
 def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_prompts():
@@ -23,6 +24,22 @@ def test_budget_to_match_full_is_the_smallest_budget_within_two_points():
     table = score_table(rows)
     assert table["icecache@128"]["n"] == 1 and table["full"]["score"] == 0.5
     assert budget_to_match_full(table) == {"icecache": 128, "quest": None}
+
+
+def test_targets_use_paired_differences_and_stay_open_while_data_is_missing():
+    rows = []
+    for sample in range(10):  # icecache@256 loses one prompt of ten to the oracle; quest@256 loses three
+        for policy, budget, score in (("full", None, 1.0), ("icecache", 256, float(sample != 0)), ("oracle", 256, 1.0),
+                                      ("icecache", 128, 1.0), ("quest", 256, float(sample > 2))):
+            rows.append({"policy": policy, "budget": budget, "score": score, "length": 4096, "variant": "v", "sample": sample})
+    diff = paired_difference(rows, "icecache@256", "oracle@256")
+    assert diff["difference"] == pytest.approx(-0.1) and diff["n"] == 10 and diff["lo"] <= -0.1 <= diff["hi"] <= 0.0
+    assert paired_difference(rows, "icecache@256", "oracle@512") is None
+    got = summarize_suite(rows, [], [])["targets"]
+    assert got["ruler_4096: icecache@256 - oracle@256 >= -0.02"]["met"] is False
+    assert got["ruler_4096: icecache@128 - quest@256 >= 0"]["met"] is True
+    assert got["budget_to_match_full_4096: icecache <= quest / 2"] == {"value": {"icecache": 128, "quest": None}, "met": True}
+    assert got["longgen_ratio: icecache@256 <= 1.03"]["met"] is None and got["summary_nll_ratio: icecache@256 <= 1.03"]["value"] is None
 
 
 @pytest.mark.timeout(600)
@@ -87,6 +104,8 @@ def test_resume_keeps_finished_prompts_and_runs_only_the_rest(never_eos_model_di
     assert json.loads(out.read_text())["rows"] == second["rows"]
     with pytest.raises(SystemExit, match="was run with seed=0, this run has 1"):
         main(more + ["--seed", "1"])
+    assert main(more + ["--report-only"]) == 0  # no model, no decoding: the summary again from the rows
+    assert json.loads(out.read_text())["rows"] == second["rows"] and "targets" in json.loads(out.read_text())["summary"]
     out.write_text("{not json")
     with pytest.raises(SystemExit, match="not a fidelity-suite JSON"):
         main(more)

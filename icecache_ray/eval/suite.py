@@ -5,7 +5,7 @@ extra configuration costs only its decoding. Three parts:
 
 - RULER-style tasks (:mod:`icecache_ray.eval.ruler`, every variant) at each length, scored per
   prompt; per configuration the mean with a 95 % bootstrap interval, and per policy the smallest
-  budget within ``MATCH_POINTS`` of the full cache (``budget_to_match_full``);
+  budget within ``suite_report.MATCH_POINTS`` of the full cache (``budget_to_match_full``);
 - long generation: the teacher-forced NLL of the full cache's greedy continuation under each
   configuration, over several essay texts (ratio to the full cache's NLL, mean over the texts);
 - summary fidelity: the same ratio for the full cache's greedy summary of example-corpus
@@ -19,17 +19,16 @@ n}``), ``budget_to_match_full`` (length → policy → budget or null), ``longge
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Callable, Collection
 
 import numpy as np
 
 from icecache_ray.config import IceCacheConfig
+from icecache_ray.eval.suite_report import label, markdown, summarize_suite
 
 log = logging.getLogger(__name__)
 
 SUITE_BUDGETS = {"icecache": (64, 128, 256, 512, 1024), "quest": (256, 512, 1024, 2048), "oracle": (128, 256)}
-MATCH_POINTS = 0.02  # "within 2 points" of the full cache, scores in [0, 1]
 
 
 def suite_runs(budgets: dict[str, tuple[int, ...]] = SUITE_BUDGETS) -> list[tuple[str, int | None, IceCacheConfig]]:
@@ -38,56 +37,6 @@ def suite_runs(budgets: dict[str, tuple[int, ...]] = SUITE_BUDGETS) -> list[tupl
     for policy, values in budgets.items():
         runs += [(policy, b, IceCacheConfig(policy=policy, budget=b)) for b in values]
     return runs
-
-
-def label(policy: str, budget: int | None) -> str:
-    return policy if budget is None else f"{policy}@{budget}"
-
-
-def bootstrap_ci(scores: list[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``scores`` (resampling prompts)."""
-    values = np.asarray(scores, dtype=np.float64)
-    if values.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(n_boot, values.size))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
-
-
-def score_table(rows: list[dict]) -> dict[str, dict]:
-    """``policy@budget`` → ``{score, lo, hi, n}`` over ``rows`` (each with policy, budget, score)."""
-    groups: dict[str, list[float]] = defaultdict(list)
-    for r in rows:
-        groups[label(r["policy"], r["budget"])].append(r["score"])
-    table = {}
-    for key, scores in groups.items():
-        lo, hi = bootstrap_ci(scores)
-        table[key] = {"score": float(np.mean(scores)), "lo": lo, "hi": hi, "n": len(scores)}
-    return table
-
-
-def budget_to_match_full(table: dict[str, dict], points: float = MATCH_POINTS) -> dict[str, int | None]:
-    """Per policy, the smallest budget whose score is at least the full cache's minus ``points``
-    (None when no budget in the sweep gets there)."""
-    full = table["full"]["score"]
-    found: dict[str, int | None] = {}
-    for key, entry in table.items():
-        if "@" not in key:
-            continue
-        policy, budget = key.split("@")
-        found.setdefault(policy, None)
-        if entry["score"] >= full - points and (found[policy] is None or int(budget) < found[policy]):
-            found[policy] = int(budget)
-    return found
-
-
-def nll_ratios(rows: list[dict]) -> dict[str, float]:
-    """``policy@budget`` → mean over texts of (mean NLL / the full cache's mean NLL)."""
-    groups: dict[str, list[float]] = defaultdict(list)
-    for r in rows:
-        groups[label(r["policy"], r["budget"])].append(r["nll_ratio"])
-    return {key: float(np.mean(v)) for key, v in groups.items()}
 
 
 def forced_nll_rows(task: str, shared, reference: list[int], runs, **facts) -> list[dict]:
@@ -155,37 +104,6 @@ def _finished(on_unit, rows: list[dict]) -> list[dict]:
     return rows
 
 
-def summarize_suite(ruler_rows: list[dict], longgen_rows: list[dict], summary_rows: list[dict]) -> dict:
-    """The ``summary`` block of the suite's JSON (see module docstring)."""
-    out: dict = {"budget_to_match_full": {}}
-    for length in sorted({r["length"] for r in ruler_rows}):
-        table = score_table([r for r in ruler_rows if r["length"] == length])
-        out[f"ruler_{length}"] = table
-        out["budget_to_match_full"][str(length)] = budget_to_match_full(table)
-    out["longgen_ratio"] = nll_ratios(longgen_rows)
-    out["summary_nll_ratio"] = nll_ratios(summary_rows)
-    return out
-
-
-def markdown(summary: dict) -> str:
-    """The suite's tables: RULER score [95 % interval] per configuration and length, NLL ratios."""
-    keys = list(dict.fromkeys(k for name, t in summary.items() if name.startswith("ruler_") for k in t))
-    keys += [k for k in {**summary["longgen_ratio"], **summary["summary_nll_ratio"]} if k not in keys]
-    lengths = [name for name in summary if name.startswith("ruler_")]
-    lines = ["| config | " + " | ".join(lengths) + " | longgen NLL ratio | summary NLL ratio |",
-             "|---" * (len(lengths) + 3) + "|"]
-    for key in keys:
-        cells = []
-        for name in lengths:
-            e = summary[name].get(key)
-            cells.append(f"{e['score']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}] (n={e['n']})" if e else "-")
-        for name in ("longgen_ratio", "summary_nll_ratio"):
-            cells.append(f"{summary[name][key]:.4f}" if key in summary[name] else "-")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    lines += ["", "budget_to_match_full (within 2 points of full): " + repr(summary["budget_to_match_full"])]
-    return "\n".join(lines) + "\n"
-
-
 def parse_args(argv=None):
     import argparse
 
@@ -209,6 +127,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2)")
     p.add_argument("--resume", action="store_true",
                    help="keep what an earlier run finished in --json (same seed, texts, corpus, model) and run only the rest")
+    p.add_argument("--report-only", action="store_true",
+                   help="recompute the summary and the Markdown table of --json from its finished rows; run nothing")
     args = p.parse_args(argv)
     for name in ("samples_per_variant", "batch", "longgen_texts", "longgen_length", "longgen_tokens", "summary_docs", "summary_tokens"):
         if getattr(args, name) <= 0:
@@ -246,7 +166,13 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     runs, out = suite_runs(), Path(args.json)
-    parts, wall_before = checkpoint.load_previous(out, vars(args), len(runs)) if args.resume else ({p: [] for p in checkpoint.PARTS}, 0.0)
+    if args.report_only and not out.exists():
+        raise SystemExit(f"--report-only: {out} does not exist")
+    resume = args.resume or args.report_only
+    parts, wall_before = checkpoint.load_previous(out, vars(args), len(runs)) if resume else ({p: [] for p in checkpoint.PARTS}, 0.0)
+    if args.report_only:  # the summary and table again from the finished rows (e.g. after a change in the statistics)
+        print(markdown(_saver(out, parts, args, wall_before)(None)([])))
+        return 0
     if any(parts.values()):
         log.info("--resume: keeping %s finished rows of %s", {p: len(r) for p, r in parts.items()}, out)
     model, tokenizer = load_model(args.model)
