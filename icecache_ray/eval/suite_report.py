@@ -131,7 +131,7 @@ def markdown(summary: dict) -> str:
     for name, t in summary.get("targets", {}).items():
         value = t["value"]
         if isinstance(value, float):
-            value = f"{value:+.3f}" + (f" [{t['lo']:+.3f}, {t['hi']:+.3f}] (n={t['n']})" if "lo" in t else "")
+            value = f"{value:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}] (n={t['n']})" if "lo" in t else f"{value:.4f}"
         lines.append(f"| {name} | {value if value is not None else '-'} | {'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
