@@ -15,7 +15,10 @@ PAGE_SCORES = ("max", "mass")
 GQA_RULES = ("interleave", "max", "sum")
 PACKINGS = ("projection", "pca")
 BEAM_KINDS = ("fixed", "log", "linear")
-POOL_DTYPES = ("float32", "float16", "bfloat16")
+# The page pool itself can store 16-bit pages (icecache_ray.pool), but the CPU index kernels score
+# float32 keys in place, so a runtime config accepts float32 only: refusing 16-bit here fails at
+# construction instead of inside the first index build on an actor.
+POOL_DTYPES = ("float32",)
 POLICIES = ("icecache", "quest", "oracle", "streaming", "full")
 
 
@@ -123,7 +126,10 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """Host page pool: storage dtype and hard capacity in pages (one page = K and V of one head)."""
+    """Host page pool: storage dtype and hard capacity in pages (one page = K and V of one head).
+
+    dtype: ``float32`` only (the index kernels read the pool's keys in place).
+    """
 
     dtype: str = "float32"
     capacity_pages: int = 1 << 16

@@ -47,6 +47,7 @@ def test_bad_top_level_values_name_the_field(kwargs, match):
         (lambda: BeamRule(width=0), r"width=0"),
         (lambda: BeamRule(upper_factor=0.5), r"upper_factor=0.5"),
         (lambda: PoolConfig(dtype="int8"), r"dtype='int8'"),
+        (lambda: PoolConfig(dtype="bfloat16"), r"dtype='bfloat16'.*float32"),
         (lambda: PoolConfig(capacity_pages=0), r"capacity_pages=0"),
     ],
 )
