@@ -47,13 +47,18 @@ class BeamRule:
 
     ``fixed``: ``width`` clusters whatever N; ``log``: ``width * log2(n_clusters)``;
     ``linear``: ``width * n_clusters / 100`` (the published code's rule, linear cost in N).
-    The result is clamped to ``[min_width, n_clusters]``.
+    The result is clamped to ``[min_width, n_clusters]``, and raised (when the caller says how many
+    slots it fills) until the clusters hold about ``pages_per_slot`` candidate pages per selected
+    slot: a fixed width that is ample at budget 256 leaves a budget of 1024 choosing among barely
+    more pages than it takes, so its selection is the routing's order, not the tokens' scores
+    (README "Why niah_single #5 lost its last digit"). 0 turns that off.
     """
 
     kind: str = "fixed"
     width: float = 16.0
     min_width: int = 4
     upper_factor: float = 8.0  # beam at levels >= 2 = upper_factor * level-1 beam (cheap: ~5 children each)
+    pages_per_slot: float = 4.0
 
     def __post_init__(self) -> None:
         _choice("BeamRule", "kind", self.kind, BEAM_KINDS)
@@ -62,9 +67,13 @@ class BeamRule:
         _positive_int("BeamRule", "min_width", self.min_width)
         if not (isinstance(self.upper_factor, (int, float)) and self.upper_factor >= 1.0):
             _fail("BeamRule", "upper_factor", self.upper_factor, "must be a number >= 1")
+        if not (isinstance(self.pages_per_slot, (int, float)) and math.isfinite(self.pages_per_slot)
+                and self.pages_per_slot >= 0):
+            _fail("BeamRule", "pages_per_slot", self.pages_per_slot, "must be a finite number >= 0")
 
-    def clusters(self, n_clusters: int) -> int:
-        """Level-1 beam width for an index with ``n_clusters`` level-1 nodes."""
+    def clusters(self, n_clusters: int, n_pages: int = 0, slots: int = 0) -> int:
+        """Level-1 beam width for an index with ``n_clusters`` level-1 nodes holding ``n_pages``
+        pages, for a query that fills ``slots`` page slots (whole pages + token slots' pages)."""
         if n_clusters <= 0:
             return 0
         if self.kind == "fixed":
@@ -73,6 +82,8 @@ class BeamRule:
             width = self.width * math.log2(max(n_clusters, 2))
         else:
             width = self.width * n_clusters / 100.0
+        if slots > 0 and n_pages > 0:  # mean pages per cluster = n_pages / n_clusters
+            width = max(width, self.pages_per_slot * slots * n_clusters / n_pages)
         return int(min(n_clusters, max(self.min_width, math.ceil(width))))
 
 

@@ -46,6 +46,8 @@ def test_bad_top_level_values_name_the_field(kwargs, match):
         (lambda: BeamRule(kind="cubic"), r"kind='cubic'"),
         (lambda: BeamRule(width=0), r"width=0"),
         (lambda: BeamRule(upper_factor=0.5), r"upper_factor=0.5"),
+        (lambda: BeamRule(pages_per_slot=-1), r"pages_per_slot=-1"),
+        (lambda: BeamRule(pages_per_slot=float("inf")), r"pages_per_slot=inf"),
         (lambda: PoolConfig(dtype="int8"), r"dtype='int8'"),
         (lambda: PoolConfig(dtype="bfloat16"), r"dtype='bfloat16'.*float32"),
         (lambda: PoolConfig(capacity_pages=0), r"capacity_pages=0"),
@@ -74,6 +76,14 @@ def test_beam_rules():
     assert BeamRule(kind="log", width=2).clusters(1024) == 20
     assert BeamRule(kind="linear", width=1).clusters(10_000) == 100
     assert BeamRule().clusters(0) == 0
+
+
+def test_beam_widens_with_the_slots_it_must_fill():
+    # 77 clusters of ~6.2 pages (SmolLM2 at 7.5k): budget 256 fills 12 slots, 1024 fills 60
+    assert BeamRule().clusters(77, 480, 12) == 16  # 4 x 12 pages fit in the fixed 16 clusters
+    assert BeamRule().clusters(77, 480, 60) == 39  # ceil(4 x 60 x 77 / 480)
+    assert BeamRule().clusters(77, 480, 252) == 77
+    assert BeamRule(pages_per_slot=0).clusters(77, 480, 60) == 16
 
 
 def test_public_names_resolve_lazily():

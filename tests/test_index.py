@@ -111,6 +111,31 @@ def test_query_widens_when_the_beam_holds_too_few_pages(pool):
     assert len(result.pages) == 60 and len(set(result.pages.tolist())) == 60
 
 
+def test_large_selections_choose_among_pages_per_slot_times_as_many_candidates(pool):
+    """A fixed beam that is ample for a few pages would leave a large k choosing among barely more
+    pages than it takes; the beam widens with the slots instead (BeamRule.pages_per_slot)."""
+    keys, values = _data(6000, seed=5, n_topics=40)
+    rule = BeamRule(width=4, min_width=1)
+    fixed = MDCIIndex(pool, IndexConfig(beam=BeamRule(width=4, min_width=1, pages_per_slot=0)), D)
+    scaled = MDCIIndex(pool, IndexConfig(beam=rule), D)
+    for index in (fixed, scaled):
+        index.build(keys, values)
+    q = np.random.default_rng(1).standard_normal((3, D)).astype(np.float32)
+    small, large = fixed.query(q, 2).n_scored, fixed.query(q, 40).n_scored
+    assert small == large  # the fixed beam scores the same candidates for 2 pages and for 40
+    for k, n_tokens in ((40, 0), (30, 160)):
+        slots = k + n_tokens // 16
+        n_scored = scaled.query(q, k, n_tokens).n_scored
+        assert n_scored >= 0.6 * rule.pages_per_slot * slots * 16, (k, n_tokens, n_scored)
+    # with a factor that asks for every page, the query equals the beam over every cluster
+    every = MDCIIndex(pool, IndexConfig(beam=BeamRule(width=1e6)), D)
+    wide = MDCIIndex(pool, IndexConfig(beam=BeamRule(width=4, min_width=1, pages_per_slot=1e6)), D)
+    for index in (every, wide):
+        index.build(keys, values)
+    np.testing.assert_array_equal(wide.query(q, 10, 32).pages, every.query(q, 10, 32).pages)
+    np.testing.assert_array_equal(wide.select_fast(q, 10, 32)[0], every.select_fast(q, 10, 32)[0])
+
+
 def test_query_finds_the_page_of_the_best_token(pool):
     keys, values = _data(4000, seed=2)
     index = MDCIIndex(pool, IndexConfig(), D)

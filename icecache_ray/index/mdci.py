@@ -351,7 +351,7 @@ class MDCIIndex:
         if self.n_pages == 0:
             empty = np.zeros(0, np.int32)
             return QueryResult(empty, empty, empty, 0)
-        candidates = self._candidate_pages(qs, int(k))
+        candidates = self._candidate_pages(qs, int(k), int(n_tokens))
         scores = K.score_pages(qs, self.table.pool.pages, self.table.page_pool, self.table.page_count, candidates)
         use_mass = self.config.page_score == "mass"
         if n_tokens > 0:
@@ -388,7 +388,7 @@ class MDCIIndex:
         chosen, ok = np.zeros(0, np.int64), self.config.gqa != "interleave"
         if ok:
             snap = self.routing.snapshot()
-            width = self.config.beam.clusters(self.n_clusters)
+            width = self._beam_width(k, n_tokens)
             t = self.table
             chosen, token_pages, token_rows, ok = K.select_pages(
                 qs, t.cluster_keys, self._node_slack(snap),
@@ -402,9 +402,14 @@ class MDCIIndex:
             return r.pages, r.pool_pages, r.counts, r.token_pages, r.token_rows
         return chosen, self.table.page_pool[chosen], self.table.page_count[chosen], token_pages, token_rows
 
-    def _candidate_pages(self, qs: np.ndarray, k: int) -> np.ndarray:
+    def _beam_width(self, k: int, n_tokens: int) -> int:
+        """Level-1 beam width for a query of ``k`` pages and ``n_tokens`` single tokens."""
+        slots = int(k) + -(-int(n_tokens) // self.page_size)
+        return self.config.beam.clusters(self.n_clusters, self.n_pages, slots)
+
+    def _candidate_pages(self, qs: np.ndarray, k: int, n_tokens: int = 0) -> np.ndarray:
         """Pages of the clusters chosen by the beam (widened until they hold >= k pages)."""
-        width = self.config.beam.clusters(self.n_clusters)
+        width = self._beam_width(k, n_tokens)
         if k >= self.n_pages or width >= self.n_clusters:  # the beam would take every cluster
             return np.arange(self.n_pages, dtype=np.int64)
         snap = self.routing.snapshot()
