@@ -68,7 +68,8 @@ def test_suite_smoke_run_writes_the_output_contract(never_eos_model_dir, tmp_pat
 
 
 @pytest.mark.parametrize("argv,match", [(["--lengths", "0"], "--lengths"), (["--lengths", "x"], "--lengths"),
-                                        (["--parts", "magic"], "--parts"), (["--samples-per-variant", "0"], "--samples-per-variant")])
+                                        (["--parts", "magic"], "--parts"), (["--samples-per-variant", "0"], "--samples-per-variant"),
+                                        (["--configs", "icecache@300"], "icecache@300")])
 def test_bad_suite_options_are_named_before_any_model_loads(argv, match, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--json", str(tmp_path / "s.json"), *argv])
@@ -109,3 +110,27 @@ def test_resume_keeps_finished_prompts_and_runs_only_the_rest(never_eos_model_di
     out.write_text("{not json")
     with pytest.raises(SystemExit, match="not a fidelity-suite JSON"):
         main(more)
+
+
+@pytest.mark.timeout(600)
+def test_configs_runs_only_the_named_configurations_and_full(never_eos_model_dir, tmp_path, monkeypatch):
+    """``--configs``: rows only for the named labels and ``full``; a resumed run of the same subset
+    finds its prompts finished (the full set of configurations is not required)."""
+    from icecache_ray.engine import generate
+    from icecache_ray.eval import tasks
+
+    out = tmp_path / "subset.json"
+    argv = ["--json", str(out), "--model", str(never_eos_model_dir), "--lengths", "400", "--variants", "niah_single",
+            "--samples-per-variant", "1", "--parts", "ruler", "--configs", "icecache@256,quest@512"]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["summary"]["ruler_400"]) == {"full", "icecache@256", "quest@512"}
+    assert {(r["policy"], r["budget"]) for r in result["rows"]["ruler"]} == {("full", None), ("icecache", 256), ("quest", 512)}
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("every prompt of the subset is finished")
+
+    monkeypatch.setattr(tasks, "SharedPrefill", no_decoding)
+    monkeypatch.setattr(generate, "SharedPrefill", no_decoding)
+    assert main(argv + ["--resume"]) == 0
+    assert json.loads(out.read_text())["rows"] == result["rows"]

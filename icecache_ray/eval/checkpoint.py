@@ -27,9 +27,10 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def load_previous(path: Path, args: dict, n_runs: int) -> tuple[dict[str, list[dict]], float]:
+def load_previous(path: Path, args: dict, configs: set[tuple]) -> tuple[dict[str, list[dict]], float]:
     """(rows per part, wall seconds spent so far) of the earlier run in ``path``, keeping only
-    units that all ``n_runs`` configurations finished; nothing when ``path`` does not exist.
+    units that every one of ``configs`` ((policy, budget) pairs) finished; nothing when ``path``
+    does not exist.
 
     Raises SystemExit naming the argument when the earlier run used a different value of one of
     ``ROW_DEFINING_ARGS``, or naming the file when it is not a suite JSON."""
@@ -46,7 +47,7 @@ def load_previous(path: Path, args: dict, n_runs: int) -> tuple[dict[str, list[d
                              "use another --json or the same value")
     kept = {}
     for part in PARTS:
-        done = finished(rows.get(part, []), UNIT_KEYS[part], n_runs)
+        done = finished(rows.get(part, []), UNIT_KEYS[part], configs)
         kept[part] = [r for r in rows.get(part, []) if unit_of(r, part) in done]
     return kept, float(previous.get("wall_s", 0.0))
 
@@ -56,9 +57,9 @@ def unit_of(row: dict, part: str) -> tuple:
     return tuple(row[k] for k in UNIT_KEYS[part])
 
 
-def finished(rows: list[dict], key_fields: tuple[str, ...], n_runs: int) -> set[tuple]:
-    """Units (values of ``key_fields``) whose rows cover ``n_runs`` configurations."""
-    configs: dict[tuple, set] = defaultdict(set)
+def finished(rows: list[dict], key_fields: tuple[str, ...], configs: set[tuple]) -> set[tuple]:
+    """Units (values of ``key_fields``) whose rows cover every one of ``configs`` ((policy, budget))."""
+    seen: dict[tuple, set] = defaultdict(set)
     for r in rows:
-        configs[tuple(r[k] for k in key_fields)].add((r["policy"], r["budget"]))
-    return {unit for unit, seen in configs.items() if len(seen) >= n_runs}
+        seen[tuple(r[k] for k in key_fields)].add((r["policy"], r["budget"]))
+    return {unit for unit, got in seen.items() if configs <= got}

@@ -39,6 +39,19 @@ def suite_runs(budgets: dict[str, tuple[int, ...]] = SUITE_BUDGETS) -> list[tupl
     return runs
 
 
+def select_runs(runs, labels: list[str] | None):
+    """The runs named by ``labels`` (``policy@budget``; ``full`` is always kept: every ratio and
+    ``budget_to_match_full`` is relative to it), in suite order; all of them for ``None``.
+    Raises ValueError naming an unknown label."""
+    if labels is None:
+        return list(runs)
+    known = [label(policy, budget) for policy, budget, _ in runs]
+    unknown = [x for x in labels if x not in known]
+    if unknown:
+        raise ValueError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    return [run for run, name in zip(runs, known) if name == "full" or name in labels]
+
+
 def forced_nll_rows(task: str, shared, reference: list[int], runs, **facts) -> list[dict]:
     """One row per configuration: the teacher-forced NLL of ``reference`` after the shared prompt."""
     full = float(np.mean(shared.nll(IceCacheConfig(policy="full"), reference)))
@@ -123,6 +136,8 @@ def parse_args(argv=None):
     p.add_argument("--summary-docs", type=int, default=12)
     p.add_argument("--summary-tokens", type=int, default=64)
     p.add_argument("--parts", default="ruler,longgen,summary", help="which parts to run")
+    p.add_argument("--configs", default=None,
+                   help="comma-separated policy@budget labels to run (default: all; full is always run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2)")
     p.add_argument("--resume", action="store_true",
@@ -146,6 +161,11 @@ def parse_args(argv=None):
     if not lengths or min(lengths) <= 0:
         p.error(f"--lengths={args.lengths!r}: comma-separated positive integers")
     args.lengths = lengths
+    labels = None if args.configs is None else [x for x in args.configs.split(",") if x]
+    try:
+        args.configs = None if labels is None else [label(p_, b) for p_, b, _ in select_runs(suite_runs(), labels)]
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 
@@ -165,11 +185,11 @@ def main(argv=None) -> int:
     from icecache_ray.model import load_model
 
     args = parse_args(argv)
-    runs, out = suite_runs(), Path(args.json)
+    runs, out = select_runs(suite_runs(), args.configs), Path(args.json)
     if args.report_only and not out.exists():
         raise SystemExit(f"--report-only: {out} does not exist")
     resume = args.resume or args.report_only
-    parts, wall_before = checkpoint.load_previous(out, vars(args), len(runs)) if resume else ({p: [] for p in checkpoint.PARTS}, 0.0)
+    parts, wall_before = checkpoint.load_previous(out, vars(args), {(p, b) for p, b, _ in runs}) if resume else ({p: [] for p in checkpoint.PARTS}, 0.0)
     if args.report_only:  # the summary and table again from the finished rows (e.g. after a change in the statistics)
         print(markdown(_saver(out, parts, args, wall_before)(None)([])))
         return 0
@@ -177,8 +197,11 @@ def main(argv=None) -> int:
         log.info("--resume: keeping %s finished rows of %s", {p: len(r) for p, r in parts.items()}, out)
     model, tokenizer = load_model(args.model)
     context = model.config.max_position_embeddings
-    if max(args.lengths) > context or args.longgen_length + args.longgen_tokens > context:
-        raise SystemExit(f"--lengths / --longgen-length + --longgen-tokens must fit the model's {context}-token context")
+    if "ruler" in args.parts and max(args.lengths) > context:
+        raise SystemExit(f"--lengths={max(args.lengths)} must fit the model's {context}-token context")
+    if "longgen" in args.parts and args.longgen_length + args.longgen_tokens > context:
+        raise SystemExit(f"--longgen-length + --longgen-tokens = {args.longgen_length + args.longgen_tokens} must fit "
+                         f"the model's {context}-token context")
     save = _saver(out, parts, args, wall_before)
     done = {part: {checkpoint.unit_of(r, part) for r in rows} for part, rows in parts.items()}
     if "ruler" in args.parts:
