@@ -161,11 +161,12 @@ def parse_args(argv=None):
     if not lengths or min(lengths) <= 0:
         p.error(f"--lengths={args.lengths!r}: comma-separated positive integers")
     args.lengths = lengths
-    labels = None if args.configs is None else [x for x in args.configs.split(",") if x]
-    try:
-        args.configs = None if labels is None else [label(p_, b) for p_, b, _ in select_runs(suite_runs(), labels)]
-    except ValueError as exc:
-        p.error(str(exc))
+    if args.configs is not None:
+        args.configs = [x for x in args.configs.split(",") if x]
+        try:
+            select_runs(suite_runs(), args.configs)  # names an unknown label before any model loads
+        except ValueError as exc:
+            p.error(str(exc))
     return args
 
 

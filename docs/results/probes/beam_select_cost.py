@@ -6,6 +6,7 @@ Run from the repository root: ``.venv/bin/python docs/results/probes/beam_select
 """
 import json
 import time
+from contextlib import ExitStack
 
 import numpy as np
 
@@ -19,9 +20,9 @@ centres = rng.standard_normal((24, D)).astype(np.float32) * 2
 keys = (centres[rng.integers(0, 24, N)] + rng.standard_normal((N, D))).astype(np.float32)
 values = rng.standard_normal((N, D)).astype(np.float32)
 queries = [(centres[rng.integers(0, 24)] + rng.standard_normal((3, D))).astype(np.float32) for _ in range(64)]
-indexes = {}
+indexes, pools = {}, ExitStack()
 for per_slot in (0.0, 4.0):
-    pool = PagePool.create(PoolLayout(capacity_pages=2048, page_size=16, head_dim=D, dtype="float32"))
+    pool = pools.enter_context(PagePool.create(PoolLayout(capacity_pages=2048, page_size=16, head_dim=D, dtype="float32")))
     index = MDCIIndex(pool, IndexConfig(beam=BeamRule(pages_per_slot=per_slot)), D)
     index.build(keys, values)
     indexes[per_slot] = index
@@ -41,6 +42,5 @@ for budget, (k, n_tokens) in {256: (8, 64), 1024: (40, 320)}.items():
                       "index_pages": indexes[4.0].n_pages, "fixed_us": round(fixed, 1), "pages_per_slot_4_us": round(scaled, 1),
                       "ratio": round(scaled / fixed, 3)}))
 for index in indexes.values():
-    pool = index.table.pool
     index.release()
-    pool.__exit__(None, None, None)
+pools.close()
