@@ -6,8 +6,9 @@
 runs in both files, so its rows are the check that both runs saw the same prompts and the same
 dense decoding: the script refuses (exit 1) when any full row of RERUN differs from BASE's in its
 output or score. Prints JSON of what it did; afterwards ``python -m icecache_ray.eval suite --json
-BASE --report-only`` recomputes the summary and the table. Used once, on 2026-12-06, to bring the
-icecache@512/@1024 RULER rows of docs/results/suite.json to the ``pages_per_slot`` beam.
+BASE --report-only`` recomputes the summary and the table. Used twice, on 2026-12-06, to bring the
+icecache@512/@1024 rows of docs/results/suite.json to the ``pages_per_slot`` beam: RULER
+(suite-beam-2026-12-06.json), then long generation and summaries (suite-beam-gen-2026-12-06.json).
 """
 
 from __future__ import annotations
