@@ -6,7 +6,8 @@ import json
 import pytest
 
 from icecache_ray.eval.suite import main
-from icecache_ray.eval.suite_report import bootstrap_ci, budget_to_match_full, paired_difference, score_table, summarize_suite
+from icecache_ray.eval.suite_report import (bootstrap_ci, budget_to_match_full, markdown, paired_difference, score_table,
+                                            summarize_suite)
 
 
 def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_prompts():
@@ -40,6 +41,15 @@ def test_targets_use_paired_differences_and_stay_open_while_data_is_missing():
     assert got["ruler_4096: icecache@128 - quest@256 >= 0"]["met"] is True
     assert got["budget_to_match_full_4096: icecache <= quest / 2"] == {"value": {"icecache": 128, "quest": None}, "met": True}
     assert got["longgen_ratio: icecache@256 <= 1.03"]["met"] is None and got["summary_nll_ratio: icecache@256 <= 1.03"]["value"] is None
+
+
+@pytest.mark.parametrize("lengths", [[], [4096], [4096, 7680]])
+def test_the_table_has_one_separator_per_column_whichever_parts_ran(lengths):
+    ruler = [{"policy": "full", "budget": None, "score": 1.0, "length": n, "variant": "v", "sample": 0} for n in lengths]
+    longgen = [{"policy": "full", "budget": None, "nll_ratio": 1.0}]
+    header, separator, *_ = markdown(summarize_suite(ruler, longgen, [])).splitlines()
+    assert header.count("|") == separator.count("|") == len(lengths) + 4
+    assert "|  |" not in header
 
 
 @pytest.mark.timeout(600)
@@ -134,3 +144,8 @@ def test_configs_runs_only_the_named_configurations_and_full(never_eos_model_dir
     monkeypatch.setattr(generate, "SharedPrefill", no_decoding)
     assert main(argv + ["--resume"]) == 0
     assert json.loads(out.read_text())["rows"] == result["rows"]
+    # --report-only runs nothing: it keeps every row of a subset run and the file's own arguments,
+    # whatever options it is given (it once kept only units finished by all 12 configurations)
+    before = json.loads(out.read_text())
+    assert main(["--json", str(out), "--report-only"]) == 0
+    assert json.loads(out.read_text()) == before

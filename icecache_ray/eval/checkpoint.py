@@ -27,6 +27,18 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
+def read_suite(path: Path, option: str) -> dict:
+    """The suite JSON in ``path`` as written (``summary``, ``rows`` per part, ``argv``, ``args``,
+    ``wall_s``); SystemExit naming ``option`` and the file when it is not one."""
+    try:
+        previous = json.loads(path.read_text())
+        previous["args"], rows = dict(previous["args"]), previous["rows"]
+        previous["rows"] = {part: list(rows.get(part, [])) for part in PARTS}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"{option}: {path} is not a fidelity-suite JSON ({type(exc).__name__}: {exc})") from None
+    return previous
+
+
 def load_previous(path: Path, args: dict, configs: set[tuple]) -> tuple[dict[str, list[dict]], float]:
     """(rows per part, wall seconds spent so far) of the earlier run in ``path``, keeping only
     units that every one of ``configs`` ((policy, budget) pairs) finished; nothing when ``path``
@@ -36,19 +48,16 @@ def load_previous(path: Path, args: dict, configs: set[tuple]) -> tuple[dict[str
     ``ROW_DEFINING_ARGS``, or naming the file when it is not a suite JSON."""
     if not path.exists():
         return {part: [] for part in PARTS}, 0.0
-    try:
-        previous = json.loads(path.read_text())
-        old_args, rows = previous["args"], previous["rows"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise SystemExit(f"--resume: {path} is not a fidelity-suite JSON ({type(exc).__name__}: {exc})") from None
+    previous = read_suite(path, "--resume")
+    old_args, rows = previous["args"], previous["rows"]
     for name in ROW_DEFINING_ARGS:
         if _plain(old_args.get(name)) != _plain(args.get(name)):
             raise SystemExit(f"--resume: {path} was run with {name}={old_args.get(name)!r}, this run has {args.get(name)!r}; "
                              "use another --json or the same value")
     kept = {}
     for part in PARTS:
-        done = finished(rows.get(part, []), UNIT_KEYS[part], configs)
-        kept[part] = [r for r in rows.get(part, []) if unit_of(r, part) in done]
+        done = finished(rows[part], UNIT_KEYS[part], configs)
+        kept[part] = [r for r in rows[part] if unit_of(r, part) in done]
     return kept, float(previous.get("wall_s", 0.0))
 
 

@@ -143,7 +143,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="keep what an earlier run finished in --json (same seed, texts, corpus, model) and run only the rest")
     p.add_argument("--report-only", action="store_true",
-                   help="recompute the summary and the Markdown table of --json from its finished rows; run nothing")
+                   help="recompute the summary and the Markdown table of --json from all its rows; run nothing "
+                        "(other options are ignored; the file keeps its own arguments)")
     args = p.parse_args(argv)
     for name in ("samples_per_variant", "batch", "longgen_texts", "longgen_length", "longgen_tokens", "summary_docs", "summary_tokens"):
         if getattr(args, name) <= 0:
@@ -187,13 +188,10 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     runs, out = select_runs(suite_runs(), args.configs), Path(args.json)
-    if args.report_only and not out.exists():
-        raise SystemExit(f"--report-only: {out} does not exist")
-    resume = args.resume or args.report_only
-    parts, wall_before = checkpoint.load_previous(out, vars(args), {(p, b) for p, b, _ in runs}) if resume else ({p: [] for p in checkpoint.PARTS}, 0.0)
-    if args.report_only:  # the summary and table again from the finished rows (e.g. after a change in the statistics)
-        print(markdown(_saver(out, parts, args, wall_before)(None)([])))
+    if args.report_only:
+        print(markdown(report_again(out)))
         return 0
+    parts, wall_before = checkpoint.load_previous(out, vars(args), {(p, b) for p, b, _ in runs}) if args.resume else ({p: [] for p in checkpoint.PARTS}, 0.0)
     if any(parts.values()):
         log.info("--resume: keeping %s finished rows of %s", {p: len(r) for p, r in parts.items()}, out)
     model, tokenizer = load_model(args.model)
@@ -218,14 +216,40 @@ def main(argv=None) -> int:
     return 0
 
 
+def report_again(out) -> dict:
+    """``--report-only``: the summary and table of ``out`` recomputed from every row it holds (e.g.
+    after a change in the statistics, or a merge of rerun rows). Runs nothing, so the file's own
+    ``argv``, ``args`` and ``wall_s`` stay: they describe how its rows were made. Returns the summary."""
+    from pathlib import Path
+
+    from icecache_ray.eval import checkpoint
+
+    out = Path(out)
+    if not out.exists():
+        raise SystemExit(f"--report-only: {out} does not exist")
+    previous = checkpoint.read_suite(out, "--report-only")
+    parts = previous["rows"]
+    summary = summarize_suite(parts["ruler"], parts["longgen"], parts["summary"])
+    _write(out, summary, parts, previous.get("argv"), previous["args"], float(previous.get("wall_s", 0.0)))
+    return summary
+
+
+def _write(out, summary: dict, parts: dict[str, list[dict]], argv, args: dict, wall_s: float) -> None:
+    """Rewrite the suite JSON and its Markdown table (atomically: a reader never sees half a file)."""
+    import json
+
+    from icecache_ray.eval.checkpoint import write_atomic
+
+    write_atomic(out, json.dumps({"summary": summary, "rows": parts, "argv": argv, "args": args, "wall_s": wall_s},
+                                 indent=1, default=str))
+    write_atomic(out.with_suffix(".md"), markdown(summary))
+
+
 def _saver(out, parts: dict[str, list[dict]], args, wall_before: float):
     """``save(part)(rows)``: add ``rows`` to ``part`` and rewrite the JSON and its Markdown table;
     returns the summary."""
-    import json
     import sys
     import time
-
-    from icecache_ray.eval.checkpoint import write_atomic
 
     t0 = time.perf_counter()
 
@@ -234,9 +258,7 @@ def _saver(out, parts: dict[str, list[dict]], args, wall_before: float):
             if part is not None:
                 parts[part] += rows
             summary = summarize_suite(parts["ruler"], parts["longgen"], parts["summary"])
-            write_atomic(out, json.dumps({"summary": summary, "rows": parts, "argv": sys.argv[1:], "args": vars(args),
-                                          "wall_s": wall_before + time.perf_counter() - t0}, indent=1, default=str))
-            write_atomic(out.with_suffix(".md"), markdown(summary))
+            _write(out, summary, parts, sys.argv[1:], vars(args), wall_before + time.perf_counter() - t0)
             return summary
         return add
     return save

@@ -116,8 +116,8 @@ def markdown(summary: dict) -> str:
     keys = list(dict.fromkeys(k for name, t in summary.items() if name.startswith("ruler_") for k in t))
     keys += [k for k in {**summary["longgen_ratio"], **summary["summary_nll_ratio"]} if k not in keys]
     lengths = [name for name in summary if name.startswith("ruler_")]
-    lines = ["| config | " + " | ".join(lengths) + " | longgen NLL ratio | summary NLL ratio |",
-             "|---" * (len(lengths) + 3) + "|"]
+    columns = ["config", *lengths, "longgen NLL ratio", "summary NLL ratio"]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for key in keys:
         cells = []
         for name in lengths:

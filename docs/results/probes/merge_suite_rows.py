@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from icecache_ray.eval.checkpoint import PARTS, unit_of, write_atomic
+from icecache_ray.eval.checkpoint import PARTS, read_suite, unit_of, write_atomic
 
 COMPARED = ("generated", "score", "nll")  # what a full-cache row must reproduce
 
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         raise SystemExit("usage: merge_suite_rows.py BASE.json RERUN.json")
     base_path, rerun_path = map(Path, argv)
-    base, rerun = json.loads(base_path.read_text()), json.loads(rerun_path.read_text())
+    base, rerun = read_suite(base_path, "merge_suite_rows.py"), read_suite(rerun_path, "merge_suite_rows.py")
     report = merge(base, rerun, rerun_path.name)
     write_atomic(base_path, json.dumps(base, indent=1, default=str))
     print(json.dumps({"base": str(base_path), "rerun": str(rerun_path), "parts": report}, indent=1))
