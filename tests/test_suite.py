@@ -147,5 +147,8 @@ def test_configs_runs_only_the_named_configurations_and_full(never_eos_model_dir
     # --report-only runs nothing: it keeps every row of a subset run and the file's own arguments,
     # whatever options it is given (it once kept only units finished by all 12 configurations)
     before = json.loads(out.read_text())
+    with pytest.raises(SystemExit, match="without icecache@1024.* resuming would rerun and replace them"):
+        main(argv[:-1] + ["icecache@256,quest@512,icecache@1024", "--resume"])  # the subset's rows stay
+    assert json.loads(out.read_text()) == before
     assert main(["--json", str(out), "--report-only"]) == 0
     assert json.loads(out.read_text()) == before

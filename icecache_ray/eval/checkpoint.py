@@ -45,7 +45,8 @@ def load_previous(path: Path, args: dict, configs: set[tuple]) -> tuple[dict[str
     does not exist.
 
     Raises SystemExit naming the argument when the earlier run used a different value of one of
-    ``ROW_DEFINING_ARGS``, or naming the file when it is not a suite JSON."""
+    ``ROW_DEFINING_ARGS``, naming the configurations when a unit lacks some of ``configs`` (a run
+    with other ``--configs``), or naming the file when it is not a suite JSON."""
     if not path.exists():
         return {part: [] for part in PARTS}, 0.0
     previous = read_suite(path, "--resume")
@@ -58,7 +59,24 @@ def load_previous(path: Path, args: dict, configs: set[tuple]) -> tuple[dict[str
     for part in PARTS:
         done = finished(rows[part], UNIT_KEYS[part], configs)
         kept[part] = [r for r in rows[part] if unit_of(r, part) in done]
+        _refuse_dropping(path, part, rows[part], kept[part], configs)
     return kept, float(previous.get("wall_s", 0.0))
+
+
+def _refuse_dropping(path: Path, part: str, rows: list[dict], kept: list[dict], configs: set[tuple]) -> None:
+    """A run saves whole units (every configuration of a prompt at once), so a unit that lacks one of
+    ``configs`` comes from a run with other ``--configs``; resuming would rerun it and replace its
+    rows, losing them if the new run stops early. Refuse, naming what is missing."""
+    if len(kept) == len(rows):
+        return
+    from icecache_ray.eval.suite_report import label
+
+    present = {(r["policy"], r["budget"]) for r in rows}
+    missing = sorted(label(p, b) for p, b in configs - present) or ["some configurations in some units"]
+    ran = sorted({label(p, b) for p, b in present})
+    raise SystemExit(f"--resume: {path} has {len(rows) - len(kept)} {part} rows without {', '.join(missing)} "
+                     f"(it holds {', '.join(ran)}); resuming would rerun and replace them. Resume with "
+                     "--configs naming only what it holds, or write to another --json")
 
 
 def unit_of(row: dict, part: str) -> tuple:
