@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_NODE_IP_ADDRESS := 127.0.0.1
 
-.PHONY: setup test test-slow demo demo-passkey bench bench-quick bench-throughput eval-suite gpu-check clean
+.PHONY: setup test test-slow demo demo-passkey bench bench-quick bench-throughput eval-suite gpu-check figures clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,11 @@ eval-suite: setup
 # Needs a CUDA device: GPU tests and benches, JSON under docs/results/gpu/ (at most ~8 minutes).
 gpu-check: setup
 	PY=$(VPY) bash scripts/gpu-check.sh
+
+# Every PNG under docs/figures/ from the committed JSON under docs/results/ (installs the figures extra if missing).
+figures: setup
+	$(VPY) -c "import matplotlib" 2>/dev/null || $(VPY) -m pip install -q -e ".[figures]"
+	$(VPY) -m icecache_ray.figures --results docs/results --out docs/figures
 
 clean:
 	rm -rf $(VENV) build *.egg-info
