@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Ray must stay on loopback on this machine (see README).
+# Ray must stay on loopback on this machine (see docs/operations.md).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_NODE_IP_ADDRESS := 127.0.0.1
 
@@ -44,7 +44,7 @@ bench-quick: setup
 bench-throughput: setup
 	$(VPY) -m icecache_ray.bench.throughput --json docs/results/throughput.json
 
-# The fidelity suite at the issue's size (~8-9 h on a 2-core CPU; README "Fidelity suite"); run it again to go on.
+# The fidelity suite at the issue's size (~8-9 h on a 2-core CPU; docs/accuracy.md); run it again to go on.
 eval-suite: setup
 	$(VPY) -m icecache_ray.eval suite --json docs/results/suite.json --resume
 

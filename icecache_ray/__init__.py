@@ -9,7 +9,7 @@ import os
 
 # NumPy's OpenBLAS otherwise starts one thread per core for every matmul and competes with torch's
 # own threads on the same cores: on a busy small machine every call then waits for spinning threads
-# (measured in README "Threads"). Set before NumPy loads; a user's own value wins.
+# (docs/design.md "Threads"). Set before NumPy loads; a user's own value wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 __all__ = ["generate", "generate_batch", "LocalEngine", "IceCacheConfig", "IndexConfig", "EngineConfig", "Deployment",

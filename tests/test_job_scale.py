@@ -1,4 +1,4 @@
-"""Scale of the Ray Data job (slow; run once and record in the README): 200 and then 2,000 small
+"""Scale of the Ray Data job (slow; run once and record in docs/operations.md "Scale"): 200 and then 2,000 small
 documents through ``--engine ray`` on a simulated 2-node cluster (``ray.cluster_utils.Cluster``,
 loopback). Every document is accounted for exactly once, and the driver's peak RSS (its own
 ``run.json``, measured in the driver process) stays flat: the 2,000-document run within 20 % of

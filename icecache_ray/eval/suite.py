@@ -1,4 +1,4 @@
-"""The fidelity suite: ``python -m icecache_ray.eval suite --json OUT`` (see README "Fidelity suite").
+"""The fidelity suite: ``python -m icecache_ray.eval suite --json OUT`` (see docs/accuracy.md "The fidelity suite").
 
 One dense prefill per prompt is shared by every policy and budget (``SharedPrefill``), so each
 extra configuration costs only its decoding. Three parts:
