@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib
@@ -45,7 +46,7 @@ ORDER = ("icecache", "icecache_pages", "quest", "streaming", "oracle", "oracle_t
          "hf_dynamic_cache")
 
 
-def ordered(names) -> list[str]:
+def ordered(names: Iterable[str]) -> list[str]:
     """``names`` in legend order (unknown names last, as given)."""
     rank = {name: i for i, name in enumerate(ORDER)}
     return sorted(names, key=lambda name: rank.get(name.split(" ")[0].split("@")[0], len(ORDER)))
