@@ -15,10 +15,9 @@ PAGE_SCORES = ("max", "mass")
 GQA_RULES = ("interleave", "max", "sum")
 PACKINGS = ("projection", "pca")
 BEAM_KINDS = ("fixed", "log", "linear")
-# The page pool itself can store 16-bit pages (icecache_ray.pool), but the CPU index kernels score
-# float32 keys in place, so a runtime config accepts float32 only: refusing 16-bit here fails at
-# construction instead of inside the first index build on an actor.
-POOL_DTYPES = ("float32",)
+# A 16-bit pool halves the bytes copied to the device; the index then keeps a float32 copy of the
+# keys it scores (icecache_ray.index.storage says what that costs).
+POOL_DTYPES = ("float32", "bfloat16", "float16")
 POLICIES = ("icecache", "quest", "oracle", "streaming", "full")
 
 
@@ -139,7 +138,9 @@ class IndexConfig:
 class PoolConfig:
     """Host page pool: storage dtype and hard capacity in pages (one page = K and V of one head).
 
-    dtype: ``float32`` only (the index kernels read the pool's keys in place).
+    dtype: ``float32`` (the default; the index kernels read the pool's keys in place),
+        ``bfloat16`` or ``float16`` (half the host -> device bytes; the index keeps a float32 copy
+        of the keys, 4 * head_dim B per page slot, see :mod:`icecache_ray.index.storage`).
     """
 
     dtype: str = "float32"

@@ -97,6 +97,21 @@ class PoolLayout:
         """Bytes of the whole segment: header plus ``capacity_pages * page_bytes``."""
         return HEADER_BYTES + self.capacity_pages * self.page_bytes
 
+    def encode(self, x: Any) -> np.ndarray:
+        """Finite float rows (any shape) -> the storage dtype (bfloat16: bit patterns, round to
+        nearest even). Raises ValueError if a value is too large for the storage dtype (float16
+        above 65504); the input's finiteness is the caller's to check (``write`` does)."""
+        if self.dtype == "bfloat16":
+            out = float32_to_bf16_bits(x)
+            finite = (out & np.uint16(0x7F80)) != np.uint16(0x7F80)
+        else:
+            with np.errstate(over="ignore"):
+                out = np.asarray(x).astype(self.numpy_dtype, copy=False)
+            finite = np.isfinite(out) if self.dtype != "float32" else True
+        if not np.all(finite):
+            raise ValueError(f"values too large for {self.dtype} pool storage")
+        return out
+
 
 # ---------------------------------------------------------------------------------- bfloat16
 def float32_to_bf16_bits(x: Any) -> np.ndarray:
@@ -141,6 +156,12 @@ def remove_segment(name: str) -> bool:
     """Unlink a segment whose owner is gone (e.g. the pool of an index actor that was killed and
     is being restarted). Returns whether one existed. Processes still mapping it keep their view."""
     _check_name(name, "remove_segment")
+    return _unlink_name(name)
+
+
+def _unlink_name(name: str) -> bool:
+    """Unlink the segment ``name`` without touching any resource-tracker registration (whether
+    one exists is its owner's business: :meth:`PagePool.unlink`). Returns whether it existed."""
     try:
         import _posixshmem  # SharedMemory.unlink would also unregister a name this process never
     except ImportError:  # registered, and the resource tracker prints a KeyError for it
@@ -160,6 +181,28 @@ def remove_segment(name: str) -> bool:
     finally:
         shm.close()
     return True
+
+
+def _tracker_identity() -> tuple | None:
+    """Which resource tracker this process talks to now: (pid, fd), or None when it runs none."""
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    fd = getattr(tracker, "_fd", None)
+    return None if fd is None else (getattr(tracker, "_pid", None), fd)
+
+
+def _unregister_if_tracked(name: str, registered_with: tuple | None) -> None:
+    """Drop the registration the owner's ``SharedMemory(create=True)`` made for ``name`` with the
+    tracker ``registered_with`` (:func:`_tracker_identity` at creation) -- only while that very
+    tracker still runs. Ray kills a worker's child processes, its resource tracker among them,
+    before the worker's exit handlers run; unregistering then would start a new tracker that never
+    saw the name, and it prints ``KeyError: '/icr_...'`` (a traceback on every Ray run's end)."""
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    if registered_with is None or _tracker_identity() != registered_with or not tracker._check_alive():
+        return
+    try:
+        resource_tracker.unregister("/" + name, "shared_memory")
+    except Exception:  # pragma: no cover - tracker internals differ across versions
+        log.debug("pool %s: could not drop its resource-tracker registration", name, exc_info=True)
 
 
 def remove_orphaned_segments(prefix: str = PREFIX) -> list[str]:
@@ -237,6 +280,7 @@ class PagePool:
         self._unlinked = False
         self._layout = layout
         self._owner = owner
+        self._tracker: tuple | None = None  # the owner's resource tracker (see create, unlink)
         self._name = shm.name
         self._pages: np.ndarray | None = self._map_pages()
         self._lock = threading.Lock()
@@ -269,14 +313,16 @@ class PagePool:
         elif not _check_name(name, "PagePool.create").startswith(PREFIX):
             raise ValueError(f"PagePool.create: name={name!r} must start with {PREFIX!r} (leak checks look for it)")
         try:
-            shm = shared_memory.SharedMemory(name=name, create=True, size=layout.total_bytes)
+            shm = shared_memory.SharedMemory(name=name, create=True, size=layout.total_bytes)  # registers it
         except FileExistsError:
             raise FileExistsError(f"PagePool.create: a shared-memory segment named {name!r} already exists") from None
+        tracker = _tracker_identity()  # the one that unlinks it should this process die first
         try:
             code = _DTYPES[layout.dtype][0]
             header = _HEADER.pack(MAGIC, layout.capacity_pages, layout.page_size, layout.head_dim, code)
             shm.buf[: len(header)] = header
             pool = cls(shm, layout, owner=True)
+            pool._tracker = tracker
         except BaseException:
             shm.close()
             shm.unlink()
@@ -354,14 +400,9 @@ class PagePool:
             raise RuntimeError(f"pool {self._name}: only the creating process unlinks it (this one attached)")
         if self._unlinked:
             return
-        try:
-            self._shm.unlink()
-        except FileNotFoundError:  # removed behind our back: still drop our tracker registration
+        if not _unlink_name(self._name):  # removed behind our back: still drop our tracker registration
             log.warning("pool %s: segment was already gone when unlinking", self._name)
-            try:
-                resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
-            except Exception:  # pragma: no cover - tracker internals differ across versions
-                pass
+        _unregister_if_tracked(self._name, self._tracker)
         self._unlinked = True
         log.debug("unlinked pool %s", self._name)
 
@@ -530,16 +571,10 @@ class PagePool:
             raise TypeError(f"write to page {page_id}: {what} must be float16, float32 or float64, got {x.dtype}")
         if not np.isfinite(x).all():
             raise ValueError(f"write to page {page_id}: {what} holds NaN or inf")
-        with np.errstate(over="ignore"):
-            if self._layout.dtype == "bfloat16":
-                out = float32_to_bf16_bits(x)
-                finite = (out & np.uint16(0x7F80)) != np.uint16(0x7F80)
-            else:
-                out = x.astype(self._layout.numpy_dtype, copy=False)
-                finite = np.isfinite(out)
-        if not finite.all():
-            raise ValueError(f"write to page {page_id}: {what} holds values too large for {self._layout.dtype} storage")
-        return out
+        try:
+            return self._layout.encode(x)
+        except ValueError:
+            raise ValueError(f"write to page {page_id}: {what} holds values too large for {self._layout.dtype} storage") from None
 
     def read(self, page_ids: Any, out: np.ndarray | None = None, as_float32: bool = True) -> np.ndarray:
         """Gather whole pages (each one contiguous read) into a new array (or ``out``).

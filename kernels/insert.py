@@ -89,6 +89,10 @@ def insert_run(
     """Insert rows ``keys[start:]`` / ``values[start:]`` [n, d] as tokens ``first_token, ...`` while
     each is a plain token whose nearest cluster has a page with room; updates the tables in place.
 
+    pool_pages: [rows, 2, P, d] float32 (a float32 pool: K and V written) or [rows, 1, P, d] (the
+    table's key copy of a 16-bit pool: K written, the caller stores the pool rows); page_pool:
+    the row of each index page in it.
+
     centres: [>= n_clusters, d + 1] augmented cluster keys computed with M = ``centres_norm`` (the
     insert batch's cache: recomputed here only when M grows, like ``_nearest_cluster_for_insert``).
     dirty: [n] int64 receives the page of each inserted row. Returns (rows inserted, new M,
@@ -120,7 +124,9 @@ def insert_run(
         page_count[page] = slot + 1
         for j in range(dim):
             pool_pages[page_pool[page], 0, slot, j] = key[j]
-            pool_pages[page_pool[page], 1, slot, j] = values[i, j]
+        if pool_pages.shape[1] > 1:  # a float32 pool; a key copy [.., 1, P, d] holds K only
+            for j in range(dim):
+                pool_pages[page_pool[page], 1, slot, j] = values[i, j]
         # running mean and radius of the cluster (``PageTable.add_member``)
         size = cluster_size[cluster] + 1
         cluster_size[cluster] = size

@@ -205,9 +205,10 @@ def score_pages(
 ) -> np.ndarray:
     """Exact q.k of every token in the given pages.
 
-    qs: [H, d] float32; pool_pages: [capacity, 2, P, d] float32, the whole C-contiguous pool (K rows
-    at index 0 of axis 1; a contiguous array lets the inner loop vectorise); page_pool: [n_pages]
-    pool page of each index page; page_count: [n_pages] valid rows; pages: [m] index pages.
+    qs: [H, d] float32; pool_pages: [capacity, 2 or 1, P, d] float32, the whole C-contiguous pool
+    or the index's float32 key copy of a 16-bit pool (K rows at index 0 of axis 1; a contiguous
+    array lets the inner loop vectorise); page_pool: [n_pages] row of each index page in it;
+    page_count: [n_pages] valid rows; pages: [m] index pages.
     Returns [H, m, P] float32 with -inf in empty slots.
     """
     n_heads, dim = qs.shape

@@ -49,7 +49,7 @@ def test_bad_top_level_values_name_the_field(kwargs, match):
         (lambda: BeamRule(pages_per_slot=-1), r"pages_per_slot=-1"),
         (lambda: BeamRule(pages_per_slot=float("inf")), r"pages_per_slot=inf"),
         (lambda: PoolConfig(dtype="int8"), r"dtype='int8'"),
-        (lambda: PoolConfig(dtype="bfloat16"), r"dtype='bfloat16'.*float32"),
+        (lambda: PoolConfig(dtype="float64"), r"dtype='float64'.*bfloat16"),
         (lambda: PoolConfig(capacity_pages=0), r"capacity_pages=0"),
     ],
 )

@@ -248,5 +248,5 @@ class LayerStores:
         if self.pool is None:
             return answer
         pool_pages, slots = answer
-        rows = self.pool.pages[pool_pages, :, slots]  # [n, 2, d]
+        rows = self.pool.read_rows(pool_pages, slots)  # [n, 2, d] float32 (a 16-bit pool decoded)
         return np.ascontiguousarray(rows[:, 0]), np.ascontiguousarray(rows[:, 1])

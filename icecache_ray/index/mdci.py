@@ -9,7 +9,8 @@ search down the levels (:func:`kernels.mdci.route_clusters`), score every token 
 the chosen clusters exactly, and rank pages with the GQA rule of :mod:`.select`.
 
 Metadata (beyond K/V) per token: 4 B (page slot -> token id) + per page 16 B + per cluster
-(4 d + 16) B + routing 8 B per routing node; :meth:`MDCIIndex.metadata_bytes` counts it exactly.
+(4 d + 16) B + routing 8 B per routing node, and with a 16-bit pool the float32 key copy, 4 d B
+per page slot (:mod:`.storage`); :meth:`MDCIIndex.metadata_bytes` counts it exactly.
 """
 
 from __future__ import annotations
@@ -66,8 +67,6 @@ class MDCIIndex:
     fast_insert = True  # False: every inserted token takes the Python path (the kernel's reference)
 
     def __init__(self, pool, config: IndexConfig, head_dim: int, scale: float | None = None) -> None:
-        if pool.layout.dtype != "float32":
-            raise ValueError(f"pool dtype={pool.layout.dtype!r}: the CPU index kernels need a float32 pool")
         if pool.layout.head_dim != head_dim:
             raise ValueError(f"head_dim={head_dim} does not match the pool's head_dim={pool.layout.head_dim}")
         self.config = config
@@ -267,8 +266,11 @@ class MDCIIndex:
         done, self.max_sq_norm, centres_norm = insert_run(
             keys, values, start, self.n_tokens, self.config.promote_every, self.max_sq_norm, cached[2], cached[1],
             t.cluster_keys, t.cluster_size, t.cluster_radius, self.n_clusters, t.cluster_first_page, t.page_next,
-            t.page_count, t.page_tokens, t.page_pool, t.pool.pages, pages,
+            t.page_count, t.page_tokens, t.key_index, t.key_pages, pages,
         )
+        if t.own_keys and done:  # the kernel wrote the float32 key copy; the 16-bit pool rows here
+            tokens = np.arange(self.n_tokens, self.n_tokens + done)
+            t.store_inserted(pages[:done], tokens, keys[start : start + done], values[start : start + done])
         self._insert_centres = (self.n_clusters, centres_norm, cached[2])
         self.n_tokens += done
         dirty.update(pages[:done].tolist())
@@ -311,7 +313,7 @@ class MDCIIndex:
         pages = self.table.cluster_page_list(cluster)
         # empty slots of a page are zero rows, so a page's centroid is its row sum / count
         counts = self.table.page_count[pages]
-        centroids = self.table.pool_k[self.table.page_pool[pages]].sum(axis=1) / counts[:, None]
+        centroids = self.table.page_key_rows(pages).sum(axis=1) / counts[:, None]
         closeness = self._augment(centroids) @ self._augment_one(key)
         has_room = counts < self.page_size
         if has_room.any():
@@ -352,7 +354,8 @@ class MDCIIndex:
             empty = np.zeros(0, np.int32)
             return QueryResult(empty, empty, empty, 0)
         candidates = self._candidate_pages(qs, int(k), int(n_tokens))
-        scores = K.score_pages(qs, self.table.pool.pages, self.table.page_pool, self.table.page_count, candidates)
+        t = self.table
+        scores = K.score_pages(qs, t.key_pages, t.key_index, t.page_count, candidates)
         use_mass = self.config.page_score == "mass"
         if n_tokens > 0:
             values, mass = K.page_values_and_token_mass(scores, self.scale, use_mass)
@@ -394,7 +397,7 @@ class MDCIIndex:
                 qs, t.cluster_keys, self._node_slack(snap),
                 snap.cluster, snap.block_start, snap.child_start, snap.child_end,
                 int(math.ceil(width * self.config.beam.upper_factor)), width, self.n_clusters, self.n_pages,
-                t.cluster_first_page, t.page_next, t.pool.pages, t.page_pool, t.page_count,
+                t.cluster_first_page, t.page_next, t.key_pages, t.key_index, t.page_count,
                 self.scale, self.config.page_score == "mass", self.config.gqa == "max", int(k), int(n_tokens),
             )
         if not ok:

@@ -3,6 +3,17 @@
 ``PageTable`` is the single owner of "which token sits in which slot of which page" and of the
 pool pages the index holds. Rows of a page are always packed from slot 0, so a page's valid-token
 count is all a reader needs to mask it.
+
+The index kernels score, route and cluster on float32 keys. With a float32 pool they read the K rows
+of the pool pages in place. With a 16-bit pool (bfloat16 / float16: what is copied to the device,
+half the bytes) the table keeps its own float32 copy of the K rows, page by page
+(``key_pages`` [table capacity, 1, P, d]), holding the keys exactly as given (not rounded to the
+pool's dtype, so selection is the float32 pool's); V is kept only in the pool. That copy costs
+``4 * head_dim`` bytes per page slot, i.e. per token-head 256 B at head_dim 64 (SmolLM2) and
+512 B at head_dim 128 (Llama-3-8B), plus the pages' fill slack (pages cut per cluster are not all
+full); the 16-bit pool page itself holds ``2 * 2 * head_dim`` B per token-head (K and V). So with a
+16-bit pool the host holds as many bytes per token-head as with a float32 pool, and the bytes
+copied to the device halve.
 """
 
 from __future__ import annotations
@@ -51,14 +62,30 @@ def _grown(arr: np.ndarray, rows: int, fill) -> np.ndarray:
     return out
 
 
+def _grown_zeros(arr: np.ndarray, rows: int) -> np.ndarray:
+    """``arr`` with ``rows`` rows, the new ones zero (left untouched: lazily committed memory)."""
+    out = np.zeros((rows,) + arr.shape[1:], arr.dtype)
+    out[: arr.shape[0]] = arr
+    return out
+
+
 class PageTable:
-    """Pages (<= page_size tokens each, one pool page each) grouped into clusters."""
+    """Pages (<= page_size tokens each, one pool page each) grouped into clusters.
+
+    ``key_pages`` / ``key_index``: the float32 K rows the kernels read, page ``p``'s rows being
+    ``key_pages[key_index[p], 0, :page_count[p]]``: the pool itself (``pool.pages``, ``page_pool``)
+    for a float32 pool, else the table's own copy (see module docstring)."""
 
     def __init__(self, pool, head_dim: int, capacity: int = 64) -> None:
         self.pool = pool
         self.page_size = pool.layout.page_size
         self.head_dim = head_dim
-        self.pool_k = pool.pages[:, 0]  # [capacity, P, d] view, read by the numba kernels
+        self.own_keys = pool.layout.dtype != "float32"
+        if self.own_keys:
+            self.key_pages = np.zeros((capacity, 1, self.page_size, head_dim), np.float32)
+            self._key_rows = np.arange(capacity, dtype=np.int32)
+        else:
+            self.key_pages = pool.pages  # [capacity, 2, P, d] float32, read (and written) by the kernels
         self.page_tokens = np.full((capacity, self.page_size), -1, np.int32)
         self.page_count = np.zeros(capacity, np.int32)
         self.page_cluster = np.zeros(capacity, np.int32)
@@ -133,6 +160,45 @@ class PageTable:
             p = int(self.page_next[p])
         return np.asarray(out, np.int64)
 
+    # ------------------------------------------------------------------ keys
+    @property
+    def key_index(self) -> np.ndarray:
+        """[>= n_pages] int32: row of ``key_pages`` holding each index page's keys."""
+        return self._key_rows if self.own_keys else self.page_pool
+
+    def page_key_rows(self, pages: np.ndarray) -> np.ndarray:
+        """K rows (all ``page_size`` slots, empty ones zero) of index pages [m]: [m, P, d] float32."""
+        return self.key_pages[self.key_index[pages], 0]
+
+    def _store_rows(self, pages: np.ndarray, slots: np.ndarray | slice, keys: np.ndarray, values: np.ndarray) -> None:
+        """Write K/V rows of index pages to the pool (encoded to its dtype) and the K rows to the
+        table's float32 copy when it keeps one. ``pages`` and ``slots`` index the rows like a
+        NumPy fancy index of ``[page, slot]``; keys / values broadcast to it with a trailing d."""
+        pool_ids = self.page_pool[pages]
+        if self.own_keys:
+            self.key_pages[self._key_rows[pages], 0, slots] = keys
+            layout = self.pool.layout
+            self.pool.pages[pool_ids, 0, slots] = layout.encode(keys)
+            self.pool.pages[pool_ids, 1, slots] = layout.encode(values)
+        else:
+            self.pool.pages[pool_ids, 0, slots] = keys
+            self.pool.pages[pool_ids, 1, slots] = values
+
+    def store_inserted(self, pages: np.ndarray, tokens: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
+        """Pool rows of tokens [n] that ``kernels.insert.insert_run`` placed in ``pages`` [n] (it
+        wrote the float32 K copy; a 16-bit pool's K/V rows are encoded here). No-op for float32."""
+        if not self.own_keys or len(pages) == 0:
+            return
+        slots = np.argmax(self.page_tokens[pages] == np.asarray(tokens)[:, None], axis=1)
+        pool_ids = self.page_pool[pages]
+        layout = self.pool.layout
+        self.pool.pages[pool_ids, 0, slots] = layout.encode(keys)
+        self.pool.pages[pool_ids, 1, slots] = layout.encode(values)
+
+    def key_copy_bytes(self) -> int:
+        """Bytes of the float32 key copy for the pages in use (0 with a float32 pool)."""
+        return self.n_pages * self.page_size * self.head_dim * 4 if self.own_keys else 0
+
     # ------------------------------------------------------------------ pages
     def _reserve(self, n: int) -> np.ndarray:
         """n new page ids backed by freshly allocated pool pages."""
@@ -144,6 +210,11 @@ class PageTable:
             self.page_cluster = _grown(self.page_cluster, size, 0)
             self.page_next = _grown(self.page_next, size, -1)
             self.page_pool = _grown(self.page_pool, size, 0)
+        if self.own_keys and need > self.key_pages.shape[0]:
+            # the key copy is the table's big array: grown by a quarter, not doubled
+            rows = max(need, self.key_pages.shape[0] + self.key_pages.shape[0] // 4)
+            self.key_pages = _grown_zeros(self.key_pages, rows)
+            self._key_rows = np.arange(rows, dtype=np.int32)
         pool_ids = self.pool.alloc(n)  # raises PoolExhausted before any table change
         ids = np.arange(self.n_pages, need)
         self.page_pool[ids] = pool_ids
@@ -189,8 +260,7 @@ class PageTable:
         self.page_count[ids] = (grid >= 0).sum(axis=1)
         padded_k = np.vstack([keys, np.zeros((1, self.head_dim), np.float32)])
         padded_v = np.vstack([values, np.zeros((1, self.head_dim), np.float32)])
-        self.pool.pages[self.page_pool[ids], 0] = padded_k[grid]  # slot -1 reads the zero row
-        self.pool.pages[self.page_pool[ids], 1] = padded_v[grid]
+        self._store_rows(ids, slice(None), padded_k[grid], padded_v[grid])  # slot -1 reads the zero row
 
     def rewrite_page(self, page: int, tokens: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
         """Replace a page's rows with [n, d] rows (n <= page_size), packed from slot 0."""
@@ -198,28 +268,24 @@ class PageTable:
         self.page_tokens[page] = -1
         self.page_tokens[page, :n] = tokens
         self.page_count[page] = n
-        rows = self.pool.pages[self.page_pool[page]]
-        rows[:, n:] = 0.0
-        rows[0, :n] = keys
-        rows[1, :n] = values
+        zeros = np.zeros((self.page_size - n, self.head_dim), np.float32)
+        self._store_rows(page, slice(None), np.vstack([keys, zeros]), np.vstack([values, zeros]))
 
     def append_row(self, page: int, token: int, key: np.ndarray, value: np.ndarray) -> None:
         slot = int(self.page_count[page])
         self.page_tokens[page, slot] = token
         self.page_count[page] = slot + 1
-        rows = self.pool.pages[self.page_pool[page]]
-        rows[0, slot] = key
-        rows[1, slot] = value
+        self._store_rows(page, slot, key, value)
 
     def page_keys(self, page: int) -> np.ndarray:
-        """K rows of a page: [count, d] view into the pool."""
-        return self.pool_k[self.page_pool[page], : self.page_count[page]]
+        """K rows of a page: [count, d] float32 view (into the pool or the table's key copy)."""
+        return self.key_pages[self.key_index[page], 0, : self.page_count[page]]
 
     def page_rows(self, page: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Copies of (token ids [n], keys [n, d], values [n, d]) of a page."""
         n = int(self.page_count[page])
-        rows = self.pool.pages[self.page_pool[page]]
-        return self.page_tokens[page, :n].copy(), rows[0, :n].copy(), rows[1, :n].copy()
+        values = self.pool.values(self.page_pool[page : page + 1])[0, :n]  # float32 copy (decoded)
+        return self.page_tokens[page, :n].copy(), self.page_keys(page).copy(), values
 
     # ------------------------------------------------------------------ introspection
     def token_pages(self, n_tokens: int) -> np.ndarray:
@@ -231,10 +297,11 @@ class PageTable:
         return out
 
     def metadata_bytes(self) -> int:
-        """Bytes of the tables for the pages and clusters in use (capacity slack excluded)."""
+        """Bytes of the tables for the pages and clusters in use (capacity slack excluded), the
+        float32 key copy of a 16-bit pool included (:meth:`key_copy_bytes`)."""
         per_page = self.page_size * 4 + 4 * 4  # token ids + count, cluster, next, pool id
         per_cluster = self.head_dim * 4 + 5 * 4  # mean key + first/last page, pages, size, radius
-        return self.n_pages * per_page + self.n_clusters * per_cluster
+        return self.n_pages * per_page + self.n_clusters * per_cluster + self.key_copy_bytes()
 
     def release(self) -> None:
         """Give every pool page back (the table becomes empty)."""
