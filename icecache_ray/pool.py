@@ -100,14 +100,14 @@ class PoolLayout:
     def encode(self, x: Any) -> np.ndarray:
         """Finite float rows (any shape) -> the storage dtype (bfloat16: bit patterns, round to
         nearest even). Raises ValueError if a value is too large for the storage dtype (float16
-        above 65504); the input's finiteness is the caller's to check (``write`` does)."""
+        above 65504, float32 for float64 input); NaN and inf in the input count as too large."""
         if self.dtype == "bfloat16":
             out = float32_to_bf16_bits(x)
             finite = (out & np.uint16(0x7F80)) != np.uint16(0x7F80)
         else:
             with np.errstate(over="ignore"):
                 out = np.asarray(x).astype(self.numpy_dtype, copy=False)
-            finite = np.isfinite(out) if self.dtype != "float32" else True
+            finite = np.isfinite(out)
         if not np.all(finite):
             raise ValueError(f"values too large for {self.dtype} pool storage")
         return out
