@@ -355,6 +355,34 @@ def test_attaching_never_steals_the_owners_tracker_registration(tmp_path, mode):
             shared_memory.SharedMemory(name, create=False).unlink()
 
 
+_KILLED_TRACKER_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, time
+    from multiprocessing import resource_tracker
+    from icecache_ray.pool import PagePool, PoolLayout
+
+    pool = PagePool.create(PoolLayout(4, 4, 3))
+    print(pool.name, flush=True)
+    os.kill(resource_tracker._resource_tracker._pid, signal.SIGKILL)  # as Ray does at a worker's exit
+    time.sleep(0.2)
+    pool.close(); pool.unlink()
+    """
+)
+
+
+def test_owner_whose_resource_tracker_was_killed_unlinks_without_a_traceback(tmp_path):
+    """Ray kills a worker's child processes (its resource tracker among them) before the worker's
+    exit handlers close the engine: the owner's unlink must not start a new tracker that prints
+    ``KeyError: '/icr_...'`` for a name it never saw (every Ray job used to end with that)."""
+    script = tmp_path / "killed_tracker.py"
+    script.write_text(_KILLED_TRACKER_SCRIPT)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    name = res.stdout.strip()
+    assert res.returncode == 0, res.stderr
+    assert name.startswith("icr_") and name not in list_leaked_segments()
+    assert "Traceback" not in res.stderr and "KeyError" not in res.stderr and "relaunching" not in res.stderr, res.stderr
+
+
 def test_pickling_a_pool_attaches_by_name():
     with PagePool.create(_layout()) as pool:
         pool.write(1, np.ones((1, D)), np.ones((1, D)))
