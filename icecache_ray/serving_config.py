@@ -32,6 +32,13 @@ class EngineConfig:
         of ``max_seq_len`` tokens. A sequence is admitted only when its worst case fits.
     select_threads: threads one batched selection is spread over (the index kernel releases the GIL).
     memory_fraction: share of the free device / host memory the automatic sizing may plan for.
+    device_kv_bytes: one device memory budget for every policy: ``max_running`` (when ``None``) is
+        the rows whose device K/V fit it (full cache: every layer x ``max_seq_len``; a sparse
+        policy: sink + slots + window per sparse layer, the dense layers' full K/V and a device
+        page-summary table; two sequences' prefill staging set aside, see
+        :func:`icecache_ray.engine.sizing.budget_rows`), at most ``max_step_tokens - 1``; a set
+        ``max_running`` must fit it. A budget too small for one row is refused when the engine
+        is built. ``None``: sized from free memory as above.
     """
 
     max_running: int | None = None
@@ -40,9 +47,10 @@ class EngineConfig:
     pool_pages: int | None = None
     select_threads: int = 1
     memory_fraction: float = 0.5
+    device_kv_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_running", "max_seq_len", "pool_pages"):
+        for name in ("max_running", "max_seq_len", "pool_pages", "device_kv_bytes"):
             _optional_positive_int("EngineConfig", name, getattr(self, name))
         _positive_int("EngineConfig", "max_step_tokens", self.max_step_tokens)
         _positive_int("EngineConfig", "select_threads", self.select_threads)

@@ -13,7 +13,7 @@ from icecache_ray.engine.index_service import IndexService
 from icecache_ray.engine.runner import ModelRunner, check_model, is_sparse
 from icecache_ray.engine.scheduler import Scheduler
 from icecache_ray.engine.sequence import Sequence
-from icecache_ray.engine.sizing import auto_max_running, available_host_bytes, pages_per_sequence, row_cost
+from icecache_ray.engine.sizing import auto_max_running, available_host_bytes, budget_rows, pages_per_sequence, policy_row_cost
 from icecache_ray.engine.stores import InProcessTransport, ServiceClient
 from icecache_ray.serving_config import MAX_AUTO_RUNNING, EngineConfig
 
@@ -22,23 +22,35 @@ log = logging.getLogger(__name__)
 
 def plan_rows(model_config, ice: IceCacheConfig, cfg: EngineConfig, layers: range, device: torch.device, itemsize: int,
               cap: int = MAX_AUTO_RUNNING) -> tuple[int, int]:
-    """(rows, tokens per row) of a stage with ``layers``: as configured, else sized from memory."""
+    """(rows, tokens per row) of a stage with ``layers``: as configured, else what fits
+    ``cfg.device_kv_bytes`` (:func:`budget_rows`), else sized from free memory."""
     max_seq_len = cfg.max_seq_len or model_config.max_position_embeddings
-    if cfg.max_running is not None:
+    if cfg.max_running is not None and cfg.device_kv_bytes is None:
         return cfg.max_running, max_seq_len
     _, head_dim = check_model(model_config, ice)
     sparse = sum(1 for i in layers if is_sparse(i, ice))
-    resident = ice.sink_tokens + ice.retrieved_pages * ice.page_size + (ice.window_pages + 1) * ice.page_size
-    cost = row_cost(len(layers) - sparse, sparse, model_config.num_key_value_heads, head_dim, itemsize, max_seq_len,
-                    resident, ice.page_size)
-    if ice.policy != "icecache":
-        cost = type(cost)(cost.device, cost.staging, cost.staging)  # token policies keep the middle K/V in host arrays
+    cost = policy_row_cost(ice, len(layers), sparse, model_config.num_key_value_heads, head_dim, itemsize, max_seq_len)
+    if cfg.device_kv_bytes is not None:
+        return _budget_rows(cfg, cost, max_seq_len, ice.policy), max_seq_len
     host_free = available_host_bytes()
     device_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_free
     rows = auto_max_running(cost, device_free, host_free, cfg.memory_fraction, min(cap, cfg.max_step_tokens - 1), device.type == "cpu")
     log.info("sized %d row(s) of %d tokens from memory (%.0f MiB device + %.0f MiB host per row)", rows, max_seq_len,
              cost.device / 2**20, cost.host / 2**20)
     return rows, max_seq_len
+
+
+def _budget_rows(cfg: EngineConfig, cost, max_seq_len: int, policy: str) -> int:
+    """Rows the device budget gives (a configured ``max_running`` must fit it)."""
+    fit = budget_rows(cost, cfg.device_kv_bytes, max_seq_len, cfg.max_step_tokens - 1)
+    if cfg.max_running is not None:
+        if cfg.max_running > fit:
+            raise ValueError(f"EngineConfig.max_running={cfg.max_running}: more rows than device_kv_bytes="
+                             f"{cfg.device_kv_bytes} holds for policy {policy!r} ({fit} of {cost.device} B each)")
+        return cfg.max_running
+    log.info("policy %s: %d row(s) of %d tokens fit the device budget of %.2f GiB (%.1f MiB per row)", policy, fit,
+             max_seq_len, cfg.device_kv_bytes / 2**30, cost.device / 2**20)
+    return fit
 
 
 def host_pages(model_config, ice: IceCacheConfig, layers, max_tokens: int) -> int:

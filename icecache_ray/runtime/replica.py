@@ -17,7 +17,7 @@ from icecache_ray.config import IceCacheConfig
 from icecache_ray.engine.engine import Engine
 from icecache_ray.engine.runner import check_model, is_sparse
 from icecache_ray.engine.scheduler import Scheduler
-from icecache_ray.engine.sizing import auto_max_running, pages_per_sequence, row_cost
+from icecache_ray.engine.sizing import auto_max_running, budget_rows, pages_per_sequence, policy_row_cost
 from icecache_ray.runtime.placement import spawn_index_actor, spawn_worker, stage_group, stage_ranges
 from icecache_ray.serving_config import MAX_AUTO_RUNNING, DeploymentConfig
 
@@ -54,14 +54,21 @@ class Layout:
 
     def rows_for(self, ray) -> int:
         """Rows per replica: as configured, else what the smallest node's memory allows."""
-        if self.dep.engine.max_running is not None:
-            self.rows = self.dep.engine.max_running
+        engine = self.dep.engine
+        if engine.max_running is not None and engine.device_kv_bytes is None:
+            self.rows = engine.max_running
             return self.rows
         heads, ice = self.model_config.num_key_value_heads, self.ice
-        resident = ice.sink_tokens + ice.retrieved_pages * ice.page_size + (ice.window_pages + 1) * ice.page_size
         widest = max(self.ranges, key=len)
         sparse = sum(1 for i in widest if is_sparse(i, ice))
-        cost = row_cost(len(widest) - sparse, sparse, heads, self.head_dim, 4, self.max_seq_len, resident, ice.page_size)
+        cost = policy_row_cost(ice, len(widest), sparse, heads, self.head_dim, 4, self.max_seq_len)
+        if engine.device_kv_bytes is not None:  # the widest stage's rows must fit each worker's budget
+            fit = budget_rows(cost, engine.device_kv_bytes, self.max_seq_len, engine.max_step_tokens - 1)
+            if engine.max_running is not None and engine.max_running > fit:
+                raise ValueError(f"EngineConfig.max_running={engine.max_running}: more rows than device_kv_bytes="
+                                 f"{engine.device_kv_bytes} holds for policy {ice.policy!r} ({fit})")
+            self.rows = engine.max_running or fit
+            return self.rows
         memory = min(n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")) or 1
         self.rows = auto_max_running(cost, memory, memory, self.dep.engine.memory_fraction,
                                      min(MAX_AUTO_RUNNING, self.dep.engine.max_step_tokens - 1), True)
