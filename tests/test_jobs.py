@@ -132,6 +132,22 @@ def test_bad_options_fail_before_any_work(tiny_model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_device_kv_budget_sizes_the_rows_and_run_json_reports_them(tiny_model_dir, tmp_path):
+    """--device-kv-gib: the full cache of the tiny model (4 layers x 2 KV heads x 16 x float32 x
+    1024 tokens, K and V: 1 MiB a row) gets the rows 3.5 of them fit; a budget below one row
+    ends the job with the sizes in run.json."""
+    src = _jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": _doc(i)} for i in range(2)])
+    gib = 3.5 / 1024
+    assert main(_args(tiny_model_dir, [src], tmp_path / "out", "--policy", "full", "--device-kv-gib", str(gib))) == 0
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert info["runtime"]["max_running"] == 3 and info["engine_config"]["device_kv_bytes"] == int(gib * 2**30)
+    assert main(_args(tiny_model_dir, [src], tmp_path / "small", "--policy", "full", "--device-kv-gib", "0.0001")) == 1
+    info = json.loads((tmp_path / "small" / "run.json").read_text())
+    assert "too small for one row of 1024 tokens, which needs 1048576 B" in info["error"]
+    with pytest.raises(SystemExit, match="device.kv.gib=-1.0"):
+        run(parse_args(_args(tiny_model_dir, [src], tmp_path / "bad", "--device-kv-gib", "-1")))
+
+
 def test_interrupted_run_resumes_with_every_document_exactly_once(tiny_model_dir, tmp_path):
     src = _jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": _doc(i, 200)} for i in range(12)])
     out = tmp_path / "out"

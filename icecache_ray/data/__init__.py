@@ -51,7 +51,8 @@ class IceCacheEngineProcessorConfig:
     model_source: a saved model folder (default: the bundled SmolLM2).
     policy / budget: the KV policy (``IceCacheConfig``). max_new_tokens: per row (greedy, stops at EOS).
     max_running / max_step_tokens: each replica's continuous batching (``EngineConfig``; max_running
-    None: sized from the replica's memory).
+    None: sized from the replica's memory, or from ``device_kv_bytes``: each replica's device
+    memory budget, ``EngineConfig.device_kv_bytes``).
     batch_size: rows per ``map_batches`` call. concurrency: engine actors (replicas).
     max_concurrent_batches: batches in flight per actor (Ray Core ``max_concurrency``).
     num_cpus / num_gpus: what each engine actor requests. threads: torch threads in it.
@@ -74,6 +75,7 @@ class IceCacheEngineProcessorConfig:
     threads: int = 1
     truncate: bool = True
     max_attempts: int = 2
+    device_kv_bytes: int | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -95,7 +97,8 @@ class IceCacheEngineProcessorConfig:
         return IceCacheConfig(policy=self.policy, budget=self.budget)
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(max_running=self.max_running, max_step_tokens=self.max_step_tokens)
+        return EngineConfig(max_running=self.max_running, max_step_tokens=self.max_step_tokens,
+                            device_kv_bytes=self.device_kv_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -112,6 +112,7 @@ def run_ray(args, spec: JobSpec, config: IceCacheConfig, engine_cfg: EngineConfi
         processor = IceCacheEngineProcessorConfig(
             model_source=spec.model_source, policy=config.policy, budget=config.budget, max_new_tokens=args.max_new_tokens,
             max_running=engine_cfg.max_running, max_step_tokens=engine_cfg.max_step_tokens, batch_size=args.batch_size,
+            device_kv_bytes=engine_cfg.device_kv_bytes,
             concurrency=replicas, max_concurrent_batches=args.max_concurrent_batches,
             num_cpus=pipeline.replica_cpus(resources, threads, replicas), num_gpus=gpus, threads=threads, truncate=False)
     except ValueError as exc:

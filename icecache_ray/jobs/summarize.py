@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--instruction", default=DEFAULT_INSTRUCTION)
     p.add_argument("--max-running", type=int, default=0,
                    help="sequences decoding at once per replica (0: sized from memory)")
+    p.add_argument("--device-kv-gib", type=float, default=0.0,
+                   help="device memory budget per replica for the K/V rows (GiB; 0: none): max_running is what "
+                        "fits it under the chosen policy (run.json's runtime.max_running)")
     p.add_argument("--max-step-tokens", type=int, default=2048,
                    help="tokens per forward pass: a decode token per running sequence, the rest prompt chunks")
     p.add_argument("--engine", choices=["ray", "local"], default="ray", help="Ray replicas, or this process")
@@ -82,7 +85,7 @@ def check_args(args) -> tuple[IceCacheConfig, EngineConfig]:
     for name in ("max_new_tokens", "max_step_tokens", "batch_size", "max_concurrent_batches", "part_rows"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: must be positive")
-    for name in ("replicas", "threads", "limit", "max_running"):
+    for name in ("replicas", "threads", "limit", "max_running", "device_kv_gib"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name}={getattr(args, name)}: must be >= 0")
     try:
@@ -90,9 +93,10 @@ def check_args(args) -> tuple[IceCacheConfig, EngineConfig]:
     except ValueError as exc:
         raise SystemExit(f"--budget/--policy: {exc}") from None
     try:
-        engine = EngineConfig(max_running=args.max_running or None, max_step_tokens=args.max_step_tokens)
+        engine = EngineConfig(max_running=args.max_running or None, max_step_tokens=args.max_step_tokens,
+                              device_kv_bytes=int(args.device_kv_gib * 2**30) or None)
     except ValueError as exc:
-        raise SystemExit(f"--max-running/--max-step-tokens: {exc}") from None
+        raise SystemExit(f"--max-running/--max-step-tokens/--device-kv-gib: {exc}") from None
     return config, engine
 
 
