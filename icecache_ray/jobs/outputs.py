@@ -2,7 +2,10 @@
 
 Each part is written to a temporary name and renamed, so a killed job leaves only whole parts; the
 ids in the parts are what "already done" means when the same command runs again (resume), which
-keeps every document exactly once in the output.
+keeps every document exactly once in the output. ``run.json`` also holds the run's generation
+settings (:mod:`icecache_ray.jobs.settings`), written before any part, so a resume can check that
+the folder's summaries are of the same kind; :meth:`OutputDir.start_over` removes what earlier
+runs wrote (and nothing else in the folder).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 PART_GLOB = "part-*.parquet"
+RUN_FILE, ERRORS_FILE = "run.json", "errors.jsonl"
+OWN_GLOBS = (PART_GLOB, "part-*.parquet.tmp", ERRORS_FILE, RUN_FILE, RUN_FILE + ".tmp")  # what a run writes
 
 
 class OutputDir:
@@ -32,7 +37,34 @@ class OutputDir:
 
     @property
     def errors_path(self) -> Path:
-        return self.path / "errors.jsonl"
+        return self.path / ERRORS_FILE
+
+    @property
+    def run_path(self) -> Path:
+        return self.path / RUN_FILE
+
+    def read_run(self) -> dict | None:
+        """The folder's ``run.json`` (None when there is none). ValueError when it is not JSON."""
+        if not self.run_path.exists():
+            return None
+        try:
+            info = json.loads(self.run_path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{self.run_path} is not valid JSON ({exc})") from None
+        return info if isinstance(info, dict) else None
+
+    def has_results(self) -> bool:
+        """Whether earlier runs wrote summaries or errors here."""
+        return self.errors_path.exists() or any(self.path.glob(PART_GLOB))
+
+    def start_over(self) -> int:
+        """Remove every file a run writes (parts, errors, run.json); other files stay. Returns how many."""
+        removed = 0
+        for pattern in OWN_GLOBS:
+            for f in self.path.glob(pattern):
+                f.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def done_ids(self) -> set[str]:
         """Ids already written by earlier runs (every whole part file)."""
@@ -57,7 +89,8 @@ class OutputDir:
                 fh.write(json.dumps({"run_id": self.run_id, **row}) + "\n")
 
     def write_run(self, info: dict) -> Path:
-        path = self.path / "run.json"
+        """Replace ``run.json`` (atomically) with ``info`` and this run's id."""
+        path = self.run_path
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"run_id": self.run_id, **info}, indent=2) + "\n")
         os.replace(tmp, path)

@@ -7,11 +7,18 @@ read and validate files on workers → prompt + tokenize tasks → engine actors
 the driver); ``--engine local`` runs everything in this process. Input: Parquet, JSONL or
 ``.txt`` files, folders of them, local or any pyarrow filesystem URI. Output folder: Parquet parts
 (id, summary, token counts, truncated flag, timings, decode stats), ``errors.jsonl`` (documents
-that failed, with the reason) and ``run.json`` (options and totals). Re-running the same command
-skips documents already written (resume); every document appears once.
+that failed, with the reason) and ``run.json`` (generation settings, options and totals).
+Re-running the same command skips documents already written (resume); every document appears once.
+
+One folder, one job, one kind of summary: a job holds a lock on its output folder while it runs
+(:mod:`icecache_ray.jobs.lock`; a second job there exits 1 at once, naming the owner), and a rerun
+whose generation settings (model, policy, budget, max-new-tokens, instruction, chat template)
+differ from those the folder's summaries were made with exits 2 naming each difference, unless
+``--overwrite`` tells it to start over (:mod:`icecache_ray.jobs.settings`).
 
 Exit status: 0 every document summarized (or already done); 1 the job could not run (a bad option
-value, the model folder, Ray, a pipeline failure); 2 command-line usage; 3 some documents failed
+value, the model folder, the output folder in use by another job, Ray, a pipeline failure); 2
+command-line usage, or settings that differ from the output folder's; 3 some documents failed
 (the others are written; ``errors.jsonl`` says why); 4 nothing was summarized (no document found,
 or all failed).
 """
@@ -29,16 +36,29 @@ import time
 from icecache_ray.config import POLICIES, IceCacheConfig
 from icecache_ray.jobs.drivers import run_local, run_ray
 from icecache_ray.jobs.inputs import list_sources
+from icecache_ray.jobs.lock import FolderLock, FolderLocked
 from icecache_ray.jobs.outputs import OutputDir
 from icecache_ray.jobs.pipeline import JobSpec, driver_peak_rss_mib
 from icecache_ray.jobs.progress import Progress
 from icecache_ray.jobs.prompts import DEFAULT_INSTRUCTION
+from icecache_ray.jobs.settings import SETTINGS_KEY, RunSettings
 from icecache_ray.jobs.sink import ResultSink
 from icecache_ray.serving_config import EngineConfig
 
 log = logging.getLogger("icecache_ray.jobs.summarize")
 
 EXIT_OK, EXIT_JOB_ERROR, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_NOTHING_SUMMARIZED = 0, 1, 2, 3, 4
+
+
+class JobRefused(SystemExit):
+    """The job will not run in this output folder (exit ``code``; ``str()``: why, for the user)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def exit_code(summary: dict) -> int:
@@ -48,10 +68,14 @@ def exit_code(summary: dict) -> int:
     return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The job's command line (``python -m icecache_ray.jobs.summarize`` / ``icecache-ray summarize``)."""
     p = argparse.ArgumentParser(prog="python -m icecache_ray.jobs.summarize", description=__doc__.splitlines()[0])
     p.add_argument("--input", nargs="+", required=True, help="files (.parquet/.jsonl/.txt) or folders of them")
-    p.add_argument("--output", required=True, help="output folder (created; re-running resumes)")
+    p.add_argument("--output", required=True,
+                   help="output folder (created; re-running resumes, with the same generation settings only)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: remove the summaries, errors and run.json earlier runs wrote in --output")
     p.add_argument("--id-column", default="id")
     p.add_argument("--text-column", default="text")
     p.add_argument("--policy", default="icecache", choices=POLICIES, help="KV policy; 'full' is the dense baseline")
@@ -77,7 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0,
                    help="at most N documents this run (local: the first N not yet done; ray: N input rows as read)")
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_args(args) -> tuple[IceCacheConfig, EngineConfig]:
@@ -112,14 +140,68 @@ def check_model(path):
         raise SystemExit(f"--model: {exc}") from None
 
 
+def open_output(path: str) -> OutputDir:
+    """The ``--output`` folder (created); SystemExit when it is a file or cannot be created."""
+    try:
+        return OutputDir(path)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"--output: {exc}") from None
+
+
+def lock_output(out: OutputDir) -> FolderLock:
+    """This job's lock on its output folder; JobRefused (exit 1) naming the job that holds it."""
+    try:
+        return FolderLock(out.path).acquire()
+    except FolderLocked as exc:
+        raise JobRefused(str(exc), EXIT_JOB_ERROR) from None
+
+
+def check_settings(out: OutputDir, settings: RunSettings, overwrite: bool) -> None:
+    """Make the folder this run's: resume only under the settings its results were made with,
+    start over with ``overwrite``; JobRefused (exit 2) naming each difference otherwise."""
+    if overwrite:
+        removed = out.start_over()
+        if removed:
+            log.warning("--overwrite: removed the %d file(s) earlier runs wrote in %s", removed, out.path)
+        return
+    if not out.has_results():
+        return
+    try:
+        recorded = (out.read_run() or {}).get(SETTINGS_KEY)
+    except ValueError as exc:
+        raise JobRefused(f"--output: {exc}; rerun with --overwrite to start over", EXIT_USAGE) from None
+    if not isinstance(recorded, dict):
+        raise JobRefused(f"--output {str(out.path)!r} holds results whose generation settings were not recorded "
+                         "(run.json missing or from an older version): cannot tell whether they match this run's; "
+                         "rerun with --overwrite to start over, or choose another --output", EXIT_USAGE)
+    differences = settings.differences(recorded)
+    if differences:
+        raise JobRefused(f"--output {str(out.path)!r} holds summaries made with other settings; they differ in:\n  "
+                         + "\n  ".join(differences) + "\nrerun with the folder's settings to resume it, with --overwrite "
+                         "to start over, or choose another --output", EXIT_USAGE)
+
+
 def run(args) -> dict:
     """The whole job (see module docstring). Returns the run summary written to run.json."""
-    from transformers import AutoConfig
-
     t0 = time.perf_counter()
     config, engine_cfg = check_args(args)
-    folder, _ = check_model(args.model)
-    out = OutputDir(args.output)
+    folder, tokenizer = check_model(args.model)
+    settings = RunSettings.of_job(folder, tokenizer, config.policy, config.budget, args.max_new_tokens, args.instruction)
+    out = open_output(args.output)
+    lock = lock_output(out)
+    try:
+        check_settings(out, settings, args.overwrite)
+        out.write_run({SETTINGS_KEY: settings.to_dict(), "status": "running", "options": vars(args)})
+        return summarize_into(out, args, folder, settings, config, engine_cfg, t0)
+    finally:
+        lock.release()
+
+
+def summarize_into(out: OutputDir, args, folder, settings: RunSettings, config: IceCacheConfig, engine_cfg: EngineConfig,
+                   t0: float) -> dict:
+    """The job proper, in a folder it holds (see :func:`run`). Returns the run summary written to run.json."""
+    from transformers import AutoConfig
+
     files, list_errors = list_sources(args.input)
     done = out.done_ids()
     context = AutoConfig.from_pretrained(folder).max_position_embeddings
@@ -137,6 +219,8 @@ def run(args) -> dict:
     finally:
         sink.flush()
     summary = {
+        SETTINGS_KEY: settings.to_dict(),
+        "status": "ended",
         "options": {k: v for k, v in vars(args).items()},
         "config": config.to_dict(),
         "engine_config": engine_cfg.to_dict(),
@@ -172,6 +256,9 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         summary = run(args)
+    except JobRefused as exc:
+        log.error("%s", exc)
+        return int(exc.code)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
