@@ -17,13 +17,16 @@ keeps working):
 
 from __future__ import annotations
 
+import ast
 import importlib
+import re
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 PROG = "icecache-ray"
-DESCRIPTION = ("IceCache on Ray: the project's tools under one command. Each command takes exactly the options of "
-               "the module it names (python -m ...), which keeps working.")
+DESCRIPTION = ("IceCache on Ray, the project's tools under one command: each command takes exactly the options\n"
+               "of the module it stands for (python -m ..., which keeps working).")
 EXIT_USAGE = 2
 
 # command -> (module whose main(argv) runs it, one line for the help)
@@ -31,29 +34,42 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "summarize": ("icecache_ray.jobs.summarize", "batch long-document summarization job (local or Ray Data)"),
     "compare": ("icecache_ray.jobs.compare", "ROUGE-L and time of one job output folder against another"),
     "eval": ("icecache_ray.eval.__main__", "accuracy harness: passkey, longgen, ruler, the fidelity suite"),
-    "bench": ("icecache_ray.bench", "benchmarks: icecache-ray bench NAME [options]"),
+    "bench": ("icecache_ray.bench", "a benchmark: icecache-ray bench NAME [options]"),
 }
 
-# bench NAME -> one line for the help (each is python -m icecache_ray.bench.NAME)
-BENCHES: dict[str, str] = {
-    "copy": "host -> device page-copy bandwidth (CUDA)",
-    "insert": "index insertion speed: numba path vs Python path",
-    "retrieval": "retrieval recall and speed of the KV policies",
-    "speed": "decode speed and device memory at long context, every policy",
-    "throughput": "batched decode throughput: policies x max_running, local and Ray",
-}
+BENCH_PACKAGE = Path(__file__).resolve().parent / "bench"
+
+
+def benches() -> dict[str, str]:
+    """bench NAME -> the first line of its docstring, for every module of ``icecache_ray.bench`` that
+    runs as ``python -m icecache_ray.bench.NAME`` (read from the source: nothing is imported)."""
+    found = {}
+    for path in sorted(BENCH_PACKAGE.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if re.search(r"^if __name__ == .__main__.:", text, re.M):
+            doc = (ast.get_docstring(ast.parse(text)) or "").strip().splitlines()
+            found[path.stem] = _plain(doc[0]) if doc else ""
+    return found
+
+
+def _plain(text: str, limit: int = 64) -> str:
+    """A docstring's first line for the help: no markup, up to its first colon, at most ``limit`` characters."""
+    text = text.replace("``", "").split(": ")[0].rstrip(".")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def usage() -> str:
-    """The top-level help text: every command and every bench, with its ``python -m`` twin."""
-    width = max(map(len, [*COMMANDS, *(f"bench {b}" for b in BENCHES)])) + 2
-    lines = [f"usage: {PROG} COMMAND [options]      ({PROG} COMMAND --help: the command's options)", "",
-             DESCRIPTION, "", "commands:"]
-    for name, (module, text) in COMMANDS.items():
-        if name != "bench":
-            lines.append(f"  {name:<{width}}{text}  (python -m {module.removesuffix('.__main__')})")
-    for name, text in BENCHES.items():
-        lines.append(f"  {'bench ' + name:<{width}}{text}  (python -m icecache_ray.bench.{name})")
+    """The top-level help text: every command with its ``python -m`` twin, and every bench."""
+    rows = [(name, text, f"python -m {module.removesuffix('.__main__')}") for name, (module, text) in COMMANDS.items()
+            if name != "bench"]
+    rows.append(("bench NAME", "a benchmark (below)", "python -m icecache_ray.bench.NAME"))
+    bench_list = benches()
+    width = max(len(name) for name in [*(r[0] for r in rows), *bench_list]) + 2
+    text_width = max(len(r[1]) for r in rows) + 2
+    lines = [f"usage: {PROG} COMMAND [options]", "", DESCRIPTION, "",
+             f"commands ({PROG} COMMAND --help lists the command's options):"]
+    lines += [f"  {name:<{width}}{text:<{text_width}}= {twin}" for name, text, twin in rows]
+    lines += ["", "benches:"] + [f"  {name:<{width}}{text}" for name, text in bench_list.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -68,8 +84,9 @@ def resolve(argv: Sequence[str]) -> tuple[Callable[[list[str]], int], list[str]]
         if not rest or rest[0] in ("-h", "--help"):
             sys.stdout.write(usage())
             raise SystemExit(0 if rest else EXIT_USAGE)
-        if rest[0] not in BENCHES:
-            _usage_error(f"unknown bench {rest[0]!r} (choose from {', '.join(BENCHES)})")
+        names = benches()
+        if rest[0] not in names:
+            _usage_error(f"unknown bench {rest[0]!r} (choose from {', '.join(names)})")
         module, rest = f"{module}.{rest[0]}", rest[1:]
     return importlib.import_module(module).main, rest
 
