@@ -146,6 +146,30 @@ def test_throughput_random_weights_runs_without_the_bundled_model_or_data(tmp_pa
     assert data["summary"]["tokens_identical"] is True
 
 
+def test_throughput_device_budget_gives_each_policy_its_rows(tmp_path):
+    """--device-kv-gib (the GPU check's capacity run, here on CPU at toy size): the full cache
+    (30 layers x 3 KV heads x 64 x float32, K and V: 46080 B a token) gets the 3 rows that 3.5
+    rows' bytes hold, icecache@64 more; documents are added so that every row fills; the
+    capacity ratios are measured."""
+    from icecache_ray.bench import throughput
+
+    out = tmp_path / "t.json"
+    row = 46080 * (600 + 3 + 1)  # prompt + new tokens + 1
+    argv = ["--random-weights", "--docs", "2", "--context", "600", "--new-tokens", "3", "--budget", "64", "--policies",
+            "full,icecache", "--skip-ray", "--skip-hf", "--skip-steady", "--device-kv-gib", str(3.5 * row / 2**30), "--json", str(out)]
+    assert throughput.main(argv) == 0
+    data = json.loads(out.read_text())
+    given = data["summary"]["rows_given"]
+    assert given["full"] == 3 and given["icecache@64"] > given["full"]
+    e2e = {r["config"]: r for r in data["rows"] if r["phase"] == "e2e"}
+    assert {c: r["max_running"] for c, r in e2e.items()} == given
+    assert all(r["docs"] == given["icecache@64"] for r in e2e.values()) and data["dtype"] == "float32"
+    for key in ("e2e_speedup_icecache_vs_full_capacity", "prefill_ratio_icecache_vs_full"):
+        assert data["summary"][key] > 0, key
+    with pytest.raises(SystemExit, match="too small for one row"):
+        throughput.main(argv[:-4] + ["--device-kv-gib", str(0.5 * row / 2**30)])
+
+
 @pytest.mark.realmodel
 def test_throughput_quick_run_reports_the_contract(tmp_path):
     """The CI smoke run of the throughput benchmark (`--quick`, the same code as the full run):

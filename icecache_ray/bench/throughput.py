@@ -19,6 +19,13 @@ Two phases, in one run so that ratios compare like with like:
   and select share (steps where all B rows decode and nothing prefills), and each document's
   tokens. ``tokens_identical``: a document that joined the running batch mid-flight gives the
   same greedy tokens alone, in the local batch and on the Ray engine.
+
+``--device-kv-gib X`` (capacity): every policy's end-to-end runs get the rows that fit one device
+budget of X GiB (``EngineConfig.device_kv_bytes``: the full cache far fewer than a sparse policy),
+on at least as many documents as the most rows given; each row reports ``max_running`` (the rows
+given) and the summary ``rows_given`` and the capacity ratios. ``--shape smollm2|llama-8b``,
+``--context N`` (prompts of N tokens) and ``--dtype`` (default bfloat16 on CUDA, float32 on the
+CPU; a 16-bit model also gets a pool of its dtype) choose the model (:mod:`.shapes`).
 """
 
 from __future__ import annotations
@@ -37,12 +44,15 @@ _SPIN_IN_EFFECT = short_gomp_spin()
 import torch  # noqa: E402
 
 from icecache_ray.bench.throughput_runs import e2e_local, e2e_ray, steady_hf, steady_local  # noqa: E402
-from icecache_ray.config import IceCacheConfig  # noqa: E402
+from icecache_ray.bench.capacity import capacity_ratios  # noqa: E402
+from icecache_ray.bench.shapes import DTYPES, SHAPES, random_model  # noqa: E402
+from icecache_ray.config import IceCacheConfig, PoolConfig  # noqa: E402
 from icecache_ray.serving_config import EngineConfig  # noqa: E402
 
 log = logging.getLogger("icecache_ray.bench.throughput")
 
 FULL_DEFAULTS = dict(docs=16, min_tokens=7000, max_tokens=8000, new_tokens=128, max_running="1,4,8,16", e2e_running=8, steps=16)
+SHAPE_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "llama-8b": "Llama-3-8B shape"}
 QUICK_DEFAULTS = dict(docs=4, min_tokens=1800, max_tokens=2200, new_tokens=32, max_running="1,4", e2e_running=4, steps=8)
 
 
@@ -70,8 +80,23 @@ def _parse(argv):
     p.add_argument("--skip-ray", action="store_true", help="leave out the Ray engine run")
     p.add_argument("--skip-hf", action="store_true", help="leave out the transformers DynamicCache reference")
     p.add_argument("--skip-e2e", action="store_true", help="steady-state phase only")
+    p.add_argument("--skip-steady", action="store_true", help="end-to-end phase only")
+    p.add_argument("--shape", default="smollm2", choices=sorted(SHAPES),
+                   help="model shape with --random-weights (llama-8b: random weights only)")
+    p.add_argument("--context", type=int, help="prompt tokens of every document (sets --min-tokens and --max-tokens)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="model, device rows and host pool dtype (default: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--device-kv-gib", type=float, default=None,
+                   help="one device budget (GiB) for every policy: the end-to-end runs use the rows it gives each")
     p.add_argument("--json", default=None, type=json_path)
     args = p.parse_args(argv)
+    if args.context is not None:
+        args.min_tokens = args.max_tokens = args.context
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    args.device_kv_bytes = int(args.device_kv_gib * 2**30) if args.device_kv_gib is not None else None
+    if args.shape != "smollm2" and not args.random_weights:
+        p.error(f"--shape {args.shape} needs --random-weights (only SmolLM2 is bundled)")
     for key, value in (QUICK_DEFAULTS if args.quick else FULL_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -83,7 +108,7 @@ def _parse(argv):
         if unknown or not args.policy_names:
             raise ValueError(f"--policies={args.policies!r}: choose from full, quest, icecache")
         IceCacheConfig(budget=args.budget)
-        EngineConfig(max_running=args.e2e_running, max_step_tokens=args.max_step_tokens)
+        EngineConfig(max_running=args.e2e_running, max_step_tokens=args.max_step_tokens, device_kv_bytes=args.device_kv_bytes)
     except ValueError as err:
         p.error(str(err))
     for name, least in (("docs", 1), ("min_tokens", 64), ("new_tokens", 2), ("steps", 1), ("warmup", 0), ("threads", 1)):
@@ -91,14 +116,16 @@ def _parse(argv):
             p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     if args.max_tokens < args.min_tokens:
         p.error(f"--max-tokens={args.max_tokens} is below --min-tokens={args.min_tokens}")
-    if max(args.batches) > args.docs:
+    if not args.skip_steady and max(args.batches) > args.docs:
         p.error(f"--max-running {max(args.batches)} needs at least that many documents (--docs={args.docs})")
     return args
 
 
-def policies(budget: int, names=("full", "quest", "icecache")) -> dict[str, IceCacheConfig]:
-    every = {"full": ("full", IceCacheConfig(policy="full")), "quest": (f"quest@{budget}", IceCacheConfig(policy="quest", budget=budget)),
-             "icecache": (f"icecache@{budget}", IceCacheConfig(budget=budget))}
+def policies(budget: int, names=("full", "quest", "icecache"), pool_dtype: str = "float32") -> dict[str, IceCacheConfig]:
+    pool = PoolConfig(dtype=pool_dtype)
+    every = {"full": ("full", IceCacheConfig(policy="full", pool=pool)),
+             "quest": (f"quest@{budget}", IceCacheConfig(policy="quest", budget=budget, pool=pool)),
+             "icecache": (f"icecache@{budget}", IceCacheConfig(budget=budget, pool=pool))}
     return dict(every[n] for n in every if n in names)
 
 
@@ -106,21 +133,25 @@ def policies(budget: int, names=("full", "quest", "icecache")) -> dict[str, IceC
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     model, docs = _model_and_documents(args)
-    configs = policies(args.budget, args.policy_names)
+    configs = policies(args.budget, args.policy_names, args.dtype)
     rows: list[dict] = []
-    hf_prefill_s = _steady_phase(model, docs, configs, rows, args)
+    hf_prefill_s = None if args.skip_steady else _steady_phase(model, docs, configs, rows, args)
     e2e_b = args.e2e_running
+    given = _rows_given(model, docs, configs, args)
+    if given:
+        docs = _enough_documents(docs, max(given.values()), args)
     if not args.skip_e2e:
         for name, ice in configs.items():
-            log.info("end to end: %s, local engine, %d rows, %d documents", name, e2e_b, len(docs))
-            rows.append(e2e_local(model, docs, name, ice, e2e_b, args))
+            b = given.get(name, e2e_b)
+            log.info("end to end: %s, local engine, %d rows, %d documents", name, b, len(docs))
+            rows.append(e2e_local(model, docs, name, ice, b, args))
         ice_name = f"icecache@{args.budget}"
         if ice_name not in configs:
             return _result(args, docs, hf_prefill_s, rows)
         if not args.skip_ray:
             log.info("end to end: %s, Ray engine, %d rows", ice_name, e2e_b)
-            rows.append(e2e_ray(docs, ice_name, configs[ice_name], e2e_b, args))
-        joined = min(e2e_b, len(docs) - 1)  # the first document that had to wait for a free row
+            rows.append(e2e_ray(docs, ice_name, configs[ice_name], given.get(ice_name, e2e_b), args))
+        joined = min(given.get(ice_name, e2e_b), len(docs) - 1)  # the first document that had to wait for a free row
         log.info("alone: document %d, %s, local engine of one row", joined, ice_name)
         rows.append(e2e_local(model, [docs[joined]], ice_name, configs[ice_name], 1, args) | {"phase": "alone", "doc": joined})
     return _result(args, docs, hf_prefill_s, rows)
@@ -128,15 +159,45 @@ def run(args) -> dict:
 
 def _model_and_documents(args):
     """The bundled model and summarization prompts of the long texts, or (``--random-weights``)
-    SmolLM2's shape with random weights and random-token prompts of the same lengths."""
+    the ``--shape`` with random weights and random-token prompts of the same lengths."""
     from icecache_ray.bench.workloads import long_documents, random_documents
-    from icecache_ray.model import SMOLLM2_SHAPE, load_model, random_smollm2
+    from icecache_ray.model import load_model
 
+    dtype = DTYPES[args.dtype]
     if args.random_weights:
-        docs = random_documents(args.docs, args.min_tokens, args.max_tokens, SMOLLM2_SHAPE["vocab_size"])
-        return random_smollm2(args.device), docs
+        docs = random_documents(args.docs, args.min_tokens, args.max_tokens, SHAPES[args.shape]["vocab_size"])
+        return random_model(args.shape, args.device, dtype, context=args.max_tokens + args.new_tokens + 1), docs
     model, tokenizer = load_model()
-    return model.to(args.device), long_documents(tokenizer, args.docs, args.min_tokens, args.max_tokens)
+    return model.to(args.device, dtype), long_documents(tokenizer, args.docs, args.min_tokens, args.max_tokens)
+
+
+def _rows_given(model, docs, configs, args) -> dict[str, int]:
+    """Rows the device budget gives each policy (empty without ``--device-kv-gib``); a budget too
+    small for one row of the context ends the run (SystemExit naming the sizes)."""
+    from icecache_ray.engine.local import LocalEngine
+
+    if args.device_kv_bytes is None:
+        return {}
+    cfg = EngineConfig(max_step_tokens=args.max_step_tokens, max_seq_len=max(map(len, docs)) + args.new_tokens + 1,
+                       device_kv_bytes=args.device_kv_bytes)
+    try:
+        given = {name: LocalEngine.auto_rows(model, ice, cfg) for name, ice in configs.items()}
+    except ValueError as err:
+        raise SystemExit(f"--device-kv-gib={args.device_kv_gib}: {err}") from None
+    log.info("rows the %.2f GiB device budget gives: %s", args.device_kv_gib, given)
+    return given
+
+
+def _enough_documents(docs, rows: int, args):
+    """At least ``rows`` documents, so every policy's rows fill (random prompts are drawn anew)."""
+    if len(docs) >= rows:
+        return docs
+    if not args.random_weights:
+        raise SystemExit(f"--device-kv-gib gives {rows} rows: --docs must be at least {rows}, got {len(docs)}")
+    from icecache_ray.bench.workloads import random_documents
+
+    log.info("%d random documents (the most rows the budget gives), not --docs=%d", rows, len(docs))
+    return random_documents(rows, args.min_tokens, args.max_tokens, SHAPES[args.shape]["vocab_size"])
 
 
 def _result(args, docs, hf_prefill_s, rows) -> dict:
@@ -144,7 +205,8 @@ def _result(args, docs, hf_prefill_s, rows) -> dict:
         log.info("%s", _line(row))
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} torch threads)"
     return {"date": time.strftime("%Y-%m-%d"), "device": device,
-            "model": "SmolLM2-135M-Instruct" + (" (random weights)" if args.random_weights else ""), "gomp_spincount": _SPIN_IN_EFFECT, "quick": args.quick, "budget": args.budget, "new_tokens": args.new_tokens,
+            "model": (SHAPE_NAMES[args.shape] + " (random weights)") if args.random_weights else "SmolLM2-135M-Instruct",
+            "dtype": args.dtype, "device_kv_bytes": args.device_kv_bytes, "gomp_spincount": _SPIN_IN_EFFECT, "quick": args.quick, "budget": args.budget, "new_tokens": args.new_tokens,
             "doc_tokens": [len(d) for d in docs], "hf_prefill_tok_s": hf_prefill_s, "rows": rows,
             "summary": summarize(rows, args)}
 
@@ -208,6 +270,8 @@ def summarize(rows: list[dict], args) -> dict:
         f"select_frac_local_b{b}": local["select_frac"] if local else None,
         "tokens_identical": None,
     }
+    if getattr(args, "device_kv_bytes", None) is not None:  # each policy at the rows the budget gave it
+        out.update(capacity_ratios(rows, args.budget))
     if alone is not None and local is not None:
         doc = alone["doc"]
         variants = [alone["tokens"][0], local["tokens"][doc]] + ([ray["tokens"][doc]] if ray else [])

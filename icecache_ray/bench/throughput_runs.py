@@ -117,7 +117,7 @@ def e2e_local(model, docs, name: str, ice: IceCacheConfig, rows: int, args) -> d
     from icecache_ray.engine.local import LocalEngine
 
     cfg = EngineConfig(max_running=rows, max_step_tokens=args.max_step_tokens, max_seq_len=max(map(len, docs)) + args.new_tokens + 1,
-                       select_threads=args.thread_counts[0])
+                       select_threads=args.thread_counts[0], device_kv_bytes=getattr(args, "device_kv_bytes", None))
     with PeakMemory() as mem, LocalEngine(model, ice, cfg) as engine:
         seqs = [engine.add(Sequence(ids, args.new_tokens)) for ids in docs]
         out = drive(engine, seqs, rows)
