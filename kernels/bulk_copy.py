@@ -149,11 +149,12 @@ class CupyPageCopier:
 
 
 def make_copier(device: torch.device, page_shape: tuple[int, int, int], pool_dtype: str, dtype: torch.dtype):
-    """The CuPy copier on CUDA devices when CuPy can reach the GPU; on the CPU the direct copier
-    when pool and buffer are both float32; else the host copier."""
+    """The CuPy copier on CUDA devices when CuPy can reach the GPU and the pool is float32; on the
+    CPU the direct copier when pool and buffer are both float32; else the host copier (any pool
+    dtype: pages decoded to float32 on the host, cast to the buffer's dtype on the device)."""
     if device.type == "cpu" and pool_dtype == "float32" and dtype == torch.float32:
         return DirectPageCopier()
-    if device.type == "cuda":
+    if device.type == "cuda" and pool_dtype == "float32":
         try:
             import cupy
 

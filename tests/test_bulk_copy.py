@@ -57,6 +57,25 @@ def test_host_copier_puts_every_page_and_token_in_its_slot(pool):
     assert isinstance(make_copier(torch.device("cpu"), pool.layout.page_shape, "float32", torch.bfloat16), HostPageCopier)
 
 
+def test_host_copier_reads_a_bfloat16_pool_exactly():
+    """A 16-bit pool's pages reach the slots as the pool holds them (decoded, exact in bf16)."""
+    p = PagePool.create(PoolLayout(capacity_pages=64, page_size=16, head_dim=32, dtype="bfloat16"))
+    try:
+        rng = np.random.default_rng(1)
+        for i in p.alloc(64):
+            p.write(int(i), rng.standard_normal((16, 32)), rng.standard_normal((16, 32)))
+        assert isinstance(make_copier(torch.device("cuda"), p.layout.page_shape, "bfloat16", torch.bfloat16), HostPageCopier)
+        kv = ResidentKV(2, 3, 16, 8 * 16, 48, 32, torch.bfloat16, torch.device("cpu"))
+        rows = torch.from_numpy(kv.page_rows(BATCH, HEADS, SLOTS, 16))
+        HostPageCopier().copy(p, PAGES, rows, kv.flat)
+        for page, s, h, b in zip(PAGES, SLOTS, HEADS, BATCH):
+            got = kv.keys[b, h, 16 + s * 16 : 16 + (s + 1) * 16].float().numpy()
+            np.testing.assert_array_equal(got, p.read([page])[0, 0])
+    finally:
+        p.close()
+        p.unlink()
+
+
 def test_direct_copier_equals_host_reference(pool):
     copier = make_copier(torch.device("cpu"), pool.layout.page_shape, "float32", torch.float32)
     assert isinstance(copier, DirectPageCopier)
