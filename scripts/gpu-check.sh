@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# `make gpu-check`: everything that needs a CUDA device, in one run of at most ~9 minutes, with
-# its JSON under docs/results/gpu/<date>-<device>/. Run it whenever a GPU machine is lent; CI never
-# has one. Exits non-zero if there is no CUDA device or any step fails (later steps still run).
+# `make gpu-check`: everything that needs a CUDA device, in one run of at most 8 minutes (step
+# timeouts below sum to 7 min), with its JSON under docs/results/gpu/<date>-<device>/. Run it
+# whenever a GPU machine is lent; CI never has one (every piece it calls runs on CPU at toy size
+# in tests/: test_bench, test_capacity, test_sizing, test_shapes, test_pool16). Exits non-zero if
+# there is no CUDA device or any step fails (later steps still run; a step cut by its timeout
+# leaves its keys of capacity.json null, and its log says how far it got).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -34,13 +37,23 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log, remember a failure
   echo "   rc=$rc in $((SECONDS - t0)) s (log: $out/$label.log)" >&2
   [ $rc -eq 0 ] || status=1
 }
-step tests 150 "$PY" -m pytest -q -m "not slow" tests/test_bulk_copy.py tests/test_engine.py -k "cuda or cupy" -rs
-step copy 60 "$PY" -m icecache_ray.bench.copy --json "$out/copy.json"
-# Random weights of SmolLM2's shape: same compute per token, and a lent machine has neither the
-# bundled model (over its transfer limit) nor ../shared. Token slots on and off: their row copies.
-step speed 120 "$PY" -m icecache_ray.bench.speed --random-weights --device cuda --length 8192 --steps 16 \
-  --token-pages default,0 --json "$out/speed.json"
-step throughput 240 "$PY" -m icecache_ray.bench.throughput --random-weights --device cuda --docs 8 --max-running 1,8 \
-  --e2e-running 8 --new-tokens 64 --skip-ray --json "$out/throughput.json"
+step tests 90 "$PY" -m pytest -q -m "not slow" tests/test_bulk_copy.py tests/test_engine.py tests/test_pool16.py -k "cuda or cupy or bfloat16" -rs
+# Random weights (a lent machine has neither the bundled model nor ../shared), bf16 model, rows
+# and host pool (--dtype defaults to bfloat16 on CUDA). 1) No cap, 8k: engine full vs
+# transformers' DynamicCache at B1 / B8, icecache@256 vs full at B8 (steady state).
+step nocap 75 "$PY" -m icecache_ray.bench.throughput --random-weights --device cuda --shape smollm2 --context 8192 \
+  --docs 8 --max-running 1,8 --policies full,icecache --skip-e2e --skip-ray --json "$out/nocap.json"
+# 2) Capacity, SmolLM2 8k: a device KV budget of 2.8 GiB holds 15 full-cache rows of 8321 tokens
+# (191.7 MB each in bf16); icecache@256 gets the rows the same budget holds (test_sizing: ~5x).
+# End to end, 128 new tokens, as many documents as the most rows given.
+step capacity 130 "$PY" -m icecache_ray.bench.throughput --random-weights --device cuda --shape smollm2 --context 8192 \
+  --new-tokens 128 --device-kv-gib 2.8 --policies full,icecache --skip-steady --skip-hf --skip-ray --json "$out/capacity-smollm2.json"
+# 3) Llama-3-8B shape at 32k, budget 1024, 20 GiB of device KV (full: 4 rows of 4.3 GB; icecache
+# ~18): as far as 120 s allow. Cut for time: 64 new tokens instead of 128 (said in capacity.json).
+step llama8b 120 "$PY" -m icecache_ray.bench.throughput --random-weights --device cuda --shape llama-8b --context 32768 \
+  --budget 1024 --new-tokens 64 --device-kv-gib 20 --policies full,icecache --skip-steady --skip-hf --skip-ray \
+  --json "$out/capacity-llama8b.json"
+step summary 20 "$PY" -m icecache_ray.bench.capacity --nocap "$out/nocap.json" --capacity "$out/capacity-smollm2.json" \
+  --capacity "$out/capacity-llama8b.json" --json "$out/capacity.json"
 echo "gpu-check: results in $out (status $status)" >&2
 exit $status
