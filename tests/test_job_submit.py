@@ -41,7 +41,7 @@ def test_ray_job_submit_runs_the_job(tiny_model_dir, tmp_path):
                    "--model", str(tiny_model_dir), "--budget", "64", "--max-new-tokens", "4", "--threads", "1",
                    env=env, timeout=480)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "[2/2 documents]" in job.stdout + job.stderr  # progress in the job log
+        assert "2 of 2 documents done, 0 failed" in job.stdout + job.stderr  # progress in the job log
         info = json.loads((out / "run.json").read_text())
         assert info["engine"] == "ray" and info["ok"] == 2
     finally:

@@ -1,6 +1,7 @@
 """The summarization job: outputs, bad input, resume, the Ray engine (tiny local model)."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -217,10 +218,12 @@ def test_sigterm_writes_the_buffered_summaries_before_the_job_ends(never_eos_mod
     args = _args(never_eos_model_dir, [src], out, "--max-running", "2")
     args[args.index("--part-rows") + 1] = "1000"  # nothing is written before the end of the run
     args[args.index("--max-new-tokens") + 1] = "100"
+    args += ["--progress-every", "0.2"]
     proc = subprocess.Popen([sys.executable, "-m", "icecache_ray.jobs.summarize", *args], stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:
-            if "documents]" in line:  # the first progress line: one document has ended
+            done = re.search(r"(\d+) of \d+ documents done", line)
+            if done and int(done.group(1)) >= 1:  # a progress line once a document has ended
                 break
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)

@@ -134,9 +134,10 @@ def build_processor(config: IceCacheEngineProcessorConfig, preprocess: Callable 
     return Processor(config, stages)
 
 
-def generate_stage(ds, config: IceCacheEngineProcessorConfig):
+def generate_stage(ds, config: IceCacheEngineProcessorConfig, progress=None):
     """``ds`` (with ``prompt_ids`` and ``error`` columns) through ``config.concurrency`` engine
-    actors (one :class:`~icecache_ray.data.attempts.Attempts` actor beside them): :data:`OUTPUT_COLUMNS` added."""
+    actors (one :class:`~icecache_ray.data.attempts.Attempts` actor beside them): :data:`OUTPUT_COLUMNS` added.
+    ``progress``: an :class:`~icecache_ray.data.inflight.InFlight` actor the replicas tell their work."""
     import ray
     import ray.data
 
@@ -155,5 +156,6 @@ def generate_stage(ds, config: IceCacheEngineProcessorConfig):
     # small blocks: Ray Data hands an actor a block per task and runs that block's batches one
     # after another, so a big block would keep the replica's batch at batch_size rows
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
-    return ds.map_batches(IceCacheEngineStage, fn_constructor_kwargs={"config": config, "attempts": attempts},
+    return ds.map_batches(IceCacheEngineStage,
+                          fn_constructor_kwargs={"config": config, "attempts": attempts, "progress": progress},
                           batch_size=config.batch_size, compute=compute, num_cpus=config.num_cpus, num_gpus=config.num_gpus)

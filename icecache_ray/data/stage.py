@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import os
 import threading
+import time
 
 import numpy as np
 
 from icecache_ray.data.attempts import batch_key
 from icecache_ray.data.columns import batch_len, error_of, object_column
+from icecache_ray.data.inflight import TokenMeter
 
 log = logging.getLogger(__name__)
 
 STAT_COLUMNS = ("wall_s", "queue_s", "ttft_s", "decode_steps", "select_ms_per_step", "load_ms_per_step",
                 "attend_ms_per_step", "pages_loaded", "bytes_loaded", "hit_rate")
 OUTPUT_COLUMNS = ("generated_text", "generated_ids", "generated_tokens", "prompt_tokens", "truncated", "error", *STAT_COLUMNS)
+REPORT_S = 1.0  # how often a replica tells the progress actor its work (while it has work)
 
 
 class IceCacheEngineStage:
@@ -25,9 +29,11 @@ class IceCacheEngineStage:
 
     ``attempts``: an :class:`~icecache_ray.data.attempts.Attempts` actor; a batch on an attempt past
     ``config.max_attempts`` (its replica died that often) returns error rows without generating.
+    ``progress``: an :class:`~icecache_ray.data.inflight.InFlight` actor told this replica's work
+    (prompt tokens prefilled, tokens generated) every ``REPORT_S`` seconds while it has work.
     """
 
-    def __init__(self, config, attempts=None) -> None:
+    def __init__(self, config, attempts=None, progress=None) -> None:
         import torch
 
         from icecache_ray.engine.local import LocalEngine
@@ -37,7 +43,9 @@ class IceCacheEngineStage:
         torch.set_num_threads(config.threads)
         for name in remove_orphaned_segments():  # e.g. the pool of this actor's killed predecessor
             log.warning("removed shared-memory segment %s of a process that is gone", name)
-        self.config, self.attempts = config, attempts
+        self.config, self.attempts, self.progress = config, attempts, progress
+        self.meter, self._replica = TokenMeter(), _replica_key()
+        self._reported_at, self._unreported = float("-inf"), False
         self.model, self.tokenizer = load_model(config.model_source)
         if config.num_gpus > 0 and torch.cuda.is_available():
             self.model.to("cuda")
@@ -56,6 +64,7 @@ class IceCacheEngineStage:
     def _step_until_closed(self) -> None:
         while not self._closed:
             if not self.engine.has_work:
+                self._report(idle=True)  # the last count before going idle
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -65,9 +74,28 @@ class IceCacheEngineStage:
                 log.exception("engine step failed")
                 ended = self.engine.fail(f"engine step failed: {type(exc).__name__}: {exc}")
             for seq in ended:
+                self.meter.ended(seq)
                 loop, future = self._waiters.pop(seq.seq_id, (None, None))
                 if future is not None:
                     loop.call_soon_threadsafe(_resolve, future, seq)
+            self._report()
+
+    def _report(self, idle: bool = False) -> None:
+        """Tell the progress actor this replica's work: after a step at most every REPORT_S
+        seconds, and once more on going ``idle`` if a step since was not told."""
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if idle and not self._unreported:
+            return
+        if not idle and now - self._reported_at < REPORT_S:
+            self._unreported = True
+            return
+        self._reported_at, self._unreported = now, False
+        try:
+            self.progress.report.remote(self._replica, *self.meter.totals())
+        except Exception as exc:  # noqa: BLE001 - progress must never stop generation
+            log.debug("progress report failed: %s", exc)
 
     async def __call__(self, batch: dict) -> dict:
         key = batch_key(batch) if self.attempts is not None else None
@@ -115,10 +143,12 @@ class IceCacheEngineStage:
             seq = Sequence(ids, self.config.max_new_tokens, self.tokenizer.eos_token_id, truncated)
             future = loop.create_future()
             self._waiters[seq.seq_id] = (loop, future)  # before add: the engine thread may finish it at once
+            self.meter.add(seq)
             try:
                 self.engine.add(seq)
             except (ValueError, RuntimeError) as exc:  # refused (can never fit) or the engine is down
                 self._waiters.pop(seq.seq_id, None)
+                self.meter.ended(seq)
                 pending.append(str(exc))
                 continue
             pending.append(future)
@@ -155,6 +185,17 @@ class IceCacheEngineStage:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _replica_key() -> str:
+    """This replica incarnation: its Ray actor id and process (a restarted actor counts afresh)."""
+    try:
+        import ray
+
+        actor = ray.get_runtime_context().get_actor_id()
+    except Exception:  # noqa: BLE001 - outside Ray (tests): the process alone
+        actor = None
+    return f"{actor}:{os.getpid()}"
 
 
 _NO_STATS = {c: (0 if c in ("decode_steps", "pages_loaded", "bytes_loaded") else float("nan")) for c in STAT_COLUMNS}

@@ -39,9 +39,9 @@ def prepare(docs, tokenizer, spec: JobSpec, sink: ResultSink) -> list[dict]:
     return items
 
 
-def generate_all(engine, items: list[dict], on_rows) -> None:
+def generate_all(engine, items: list[dict], on_rows, on_step=None) -> None:
     """Feed documents to the engine as it has room, step it, and hand every ended document's row
-    to ``on_rows`` (a document the engine refuses is an error row)."""
+    to ``on_rows`` (a document the engine refuses is an error row); ``on_step()`` after each step."""
     queue = deque(items)
     while queue or engine.in_flight:
         refused = []
@@ -52,6 +52,8 @@ def generate_all(engine, items: list[dict], on_rows) -> None:
             except (ValueError, RuntimeError) as exc:
                 refused.append({"id": item["id"], "error": str(exc)})
         rows = refused + (engine.step() if engine.in_flight else [])
+        if on_step is not None:
+            on_step()
         if rows:
             on_rows(rows)
 
@@ -63,33 +65,64 @@ def run_local(args, spec: JobSpec, config: IceCacheConfig, engine_cfg: EngineCon
     from icecache_ray.model import load_tokenizer
 
     docs, errors = read_documents(files, spec.id_column, spec.text_column)
-    for e in errors:
-        sink.add_error(e.id, e.source, e.reason)
     todo = [d for d in docs if d.id not in done]
     sink.skipped_done = len(docs) - len(todo)
     if args.limit:
         todo = todo[: args.limit]
+    progress = sink.progress
+    progress.plan(documents=len(todo) + sum(e.id is not None for e in errors))  # a bad row is a document that fails
+    for e in errors:
+        sink.add_error(e.id, e.source, e.reason)
     log.info("%d document(s): %d already done, %d to summarize; %d input error(s)", len(docs), sink.skipped_done, len(todo), len(errors))
     items = prepare(todo, load_tokenizer(spec.model_source), spec, sink)
-    sink.progress.total = len(items)
+    progress.plan(prompt_tokens=sum(len(it["ids"]) for it in items))
     by_id = {it["id"]: it for it in items}
     if not items:
         return {"engine": "local", "replicas": 0}
-    engine = LocalJobEngine(spec.model_source, config, engine_cfg, args.max_new_tokens, replica_threads(args.threads))
 
     def on_rows(rows: list[dict]) -> None:
         for r in rows:
+            item = by_id[r["id"]]
             if "error" in r:
-                sink.add_error(r["id"], "generation", r["error"])
+                sink.add_error(r["id"], "generation", r["error"], len(item["ids"]))
             else:
-                item = by_id[r["id"]]
-                sink.add_result(output_row(r, item["document_tokens"], item["truncated"], config), item["source"])
+                sink.add_result(output_row(r, item["document_tokens"], item["truncated"], config), item["source"], len(item["ids"]))
 
-    try:
-        generate_all(engine, items, on_rows)
-        return engine.runtime_shape()
-    finally:
-        engine.shutdown()
+    with progress.ticking():
+        engine = LocalJobEngine(spec.model_source, config, engine_cfg, args.max_new_tokens, replica_threads(args.threads))
+        try:
+            progress.begin()
+            generate_all(engine, items, on_rows, on_step=lambda: progress.work(*engine.work()))
+            return engine.runtime_shape()
+        finally:
+            engine.shutdown()
+
+
+def plan_ray_progress(progress, totals: dict, limit: int) -> int:
+    """Plan the Ray job's progress from :func:`~icecache_ray.jobs.pipeline.count_documents`
+    ``totals`` (a bad row is a document that fails). With ``limit`` (N input rows as read: which
+    ones is not known here) the prompt tokens are the average document's. Returns the documents."""
+    documents = totals["todo"] + totals["row_errors"]
+    prompt_tokens = totals["prompt_tokens"]
+    if limit and limit < documents:
+        prompt_tokens = round(prompt_tokens * limit / documents)
+        documents = limit
+    progress.plan(documents=documents, prompt_tokens=prompt_tokens)
+    return documents
+
+
+def take_row(row: dict, sink: ResultSink, config: IceCacheConfig) -> None:
+    """One result row of the Ray Data pipeline into the sink (a summary, or an error)."""
+    from icecache_ray.data.stage import STAT_COLUMNS
+
+    planned = int(row.get("planned_prompt_tokens") or 0)
+    if isinstance(row["error"], str) and row["error"]:  # not None (nor NaN, Ray Data's null in numpy batches)
+        sink.add_error(row["id"] or None, row["source"], row["error"], planned)
+        return
+    result = {"id": row["id"], "summary": row["generated_text"].strip(), "prompt_tokens": int(row["prompt_tokens"]),
+              "generated_tokens": int(row["generated_tokens"]), **{c: plain(row[c]) for c in STAT_COLUMNS}}
+    sink.add_result(output_row(result, int(row["document_tokens"]), bool(row["document_truncated"] or row["truncated"]), config),
+                    row["source"], planned)
 
 
 def run_ray(args, spec: JobSpec, config: IceCacheConfig, engine_cfg: EngineConfig, files: list[str], done: set[str],
@@ -97,7 +130,6 @@ def run_ray(args, spec: JobSpec, config: IceCacheConfig, engine_cfg: EngineConfi
     """The job as a Ray Data pipeline (:mod:`icecache_ray.jobs.pipeline`). Returns the runtime shape."""
     from icecache_ray import ray_utils
     from icecache_ray.data import IceCacheEngineProcessorConfig
-    from icecache_ray.data.stage import STAT_COLUMNS
     from icecache_ray.jobs import pipeline
     from icecache_ray.pool import remove_orphaned_segments
 
@@ -120,18 +152,15 @@ def run_ray(args, spec: JobSpec, config: IceCacheConfig, engine_cfg: EngineConfi
     frozen_done = frozenset(done)
     totals = pipeline.count_documents(ray, files, spec, frozen_done)
     sink.skipped_done = totals["done"]
-    sink.progress.total = min(totals["todo"], args.limit) if args.limit else totals["todo"]
+    planned = plan_ray_progress(sink.progress, totals, args.limit)
     log.info("%d document(s): %d already done, %d to summarize; %d input error(s); %d replica(s) of %d thread(s), %s GPU",
-             totals["todo"] + totals["done"], totals["done"], sink.progress.total, totals["errors"], replicas, threads, gpus)
-    ds = pipeline.build_dataset(ray, files, spec, frozen_done, processor, args.limit or None)
-    for row in ds.iter_rows():
-        if isinstance(row["error"], str) and row["error"]:  # not None (nor NaN, Ray Data's null in numpy batches)
-            sink.add_error(row["id"] or None, row["source"], row["error"])
-            continue
-        result = {"id": row["id"], "summary": row["generated_text"].strip(), "prompt_tokens": int(row["prompt_tokens"]),
-                  "generated_tokens": int(row["generated_tokens"]), **{c: plain(row[c]) for c in STAT_COLUMNS}}
-        sink.add_result(output_row(result, int(row["document_tokens"]), bool(row["document_truncated"] or row["truncated"]), config),
-                        row["source"])
+             totals["todo"] + totals["done"], totals["done"], planned, totals["errors"], replicas, threads, gpus)
+    inflight = pipeline.progress_actor(ray)
+    ds = pipeline.build_dataset(ray, files, spec, frozen_done, processor, args.limit or None, inflight)
+    with sink.progress.ticking(poll=lambda: ray.get(inflight.totals.remote(), timeout=10)):
+        sink.progress.begin()
+        for row in ds.iter_rows():
+            take_row(row, sink, config)
     remove_orphaned_segments()  # pools of engine actors killed on this node (others sweep at their restart)
     return {"engine": "ray.data", "replicas": replicas, "threads_per_replica": threads, "gpus_per_replica": gpus,
             "cpus_per_replica": processor.num_cpus, "batch_size": processor.batch_size,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from icecache_ray.data.inflight import TokenMeter
 from icecache_ray.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class LocalJobEngine:
         self.engine = LocalEngine(self.model, ice, engine_cfg)
         self.max_new_tokens = max_new_tokens
         self.items: dict[str, tuple[dict, Sequence]] = {}
+        self.meter = TokenMeter()
 
     @property
     def capacity(self) -> int:
@@ -55,6 +57,7 @@ class LocalJobEngine:
         seq = Sequence(item["ids"], self.max_new_tokens, self.tokenizer.eos_token_id)
         self.engine.add(seq)
         self.items[seq.seq_id] = (item, seq)
+        self.meter.add(seq)
 
     @property
     def in_flight(self) -> int:
@@ -62,7 +65,14 @@ class LocalJobEngine:
 
     def step(self) -> list[dict]:
         """One engine step; the rows of the documents that ended in it."""
-        return [result_row(*self.items.pop(s.seq_id), self.tokenizer) for s in self.engine.step()]
+        ended = self.engine.step()
+        for seq in ended:
+            self.meter.ended(seq)
+        return [result_row(*self.items.pop(s.seq_id), self.tokenizer) for s in ended]
+
+    def work(self) -> tuple[int, int]:
+        """(prompt tokens prefilled, tokens generated) so far, for the job's progress."""
+        return self.meter.totals()
 
     def runtime_shape(self) -> dict:
         return {"engine": "local", "replicas": 1, "stages": 1, "stage_workers": 0, "index_actors": 0,

@@ -9,8 +9,9 @@
       → generate_stage             icecache_ray.data's engine actors, one replica each
       → driver: iter_rows          ResultSink writes parts / errors.jsonl as documents end
 
-Before it, :func:`count_documents` reads the files once more (in parallel, counting only) so the
-progress line has a total and run.json the number of documents already done. The driver holds
+Before it, :func:`count_documents` reads the files once more (in parallel, counting documents and
+their prompts' tokens) so the progress line has its totals and run.json the number of documents
+already done. The driver holds
 file names, the ids it has accounted for and one part's buffer: never the documents.
 """
 
@@ -42,11 +43,15 @@ class JobSpec:
     text_column: str = "text"
 
 
+COUNTS = ("todo", "done", "errors", "row_errors", "prompt_tokens")
+
+
 def count_documents(ray, files: list[str], spec: JobSpec, done: frozenset) -> dict:
     """Totals over ``files`` (read in parallel tasks): ``todo`` documents, ``done`` ones (skipped),
-    ``errors`` (rows or files that will be reported)."""
+    ``errors`` (rows or files that will be reported; ``row_errors``: those of rows with an id, which
+    are documents that fail), ``prompt_tokens`` (of the todo documents' chat prompts)."""
     count = ray.remote(num_cpus=TASK_CPUS)(_count_source)
-    totals = {"todo": 0, "done": 0, "errors": 0}
+    totals = dict.fromkeys(COUNTS, 0)
     for part in ray.get([count.remote(f, spec, done) for f in files]):
         for k in totals:
             totals[k] += part[k]
@@ -54,16 +59,28 @@ def count_documents(ray, files: list[str], spec: JobSpec, done: frozenset) -> di
 
 
 def _count_source(source: str, spec: JobSpec, done: frozenset) -> dict:
-    counts = {"todo": 0, "done": 0, "errors": 0}
+    from icecache_ray.data.columns import cached_tokenizer
+
+    counts = dict.fromkeys(COUNTS, 0)
     for got in unique(read_source(source, spec.id_column, spec.text_column), set()):
-        counts["errors" if not isinstance(got, Document) else "done" if got.id in done else "todo"] += 1
+        if not isinstance(got, Document):
+            counts["errors"] += 1
+            counts["row_errors"] += got.id is not None
+        elif got.id in done:
+            counts["done"] += 1
+        else:
+            counts["todo"] += 1
+            prompt, _ = document_prompt(cached_tokenizer(spec.model_source), got.text, spec.instruction, spec.max_prompt_tokens)
+            counts["prompt_tokens"] += len(prompt.ids) if prompt else 0
     return counts
 
 
-def build_dataset(ray, files: list[str], spec: JobSpec, done: frozenset, processor_config, limit: int | None = None):
+def build_dataset(ray, files: list[str], spec: JobSpec, done: frozenset, processor_config, limit: int | None = None,
+                  progress=None):
     """The lazy dataset of result rows (see module docstring): per row ``id``, ``source``, ``error``
-    (None or the reason), ``document_tokens``, ``document_truncated`` and the processor's columns.
-    ``limit``: at most that many input rows (documents or row errors) go on past the read."""
+    (None or the reason), ``document_tokens``, ``document_truncated``, ``planned_prompt_tokens``
+    and the processor's columns. ``limit``: at most that many input rows (documents or row errors)
+    go on past the read. ``progress``: the :class:`~icecache_ray.data.inflight.InFlight` actor."""
     from icecache_ray.data import generate_stage
 
     ds = ray.data.from_items([{"source": f} for f in files], override_num_blocks=max(1, len(files)))
@@ -71,7 +88,7 @@ def build_dataset(ray, files: list[str], spec: JobSpec, done: frozenset, process
     if limit:
         ds = ds.limit(limit)
     ds = ds.map_batches(prompt_batch, fn_kwargs={"spec": spec}, batch_size=processor_config.batch_size, num_cpus=TASK_CPUS)
-    return generate_stage(ds, processor_config).drop_columns(DRIVER_COLUMNS_DROPPED)
+    return generate_stage(ds, processor_config, progress).drop_columns(DRIVER_COLUMNS_DROPPED)
 
 
 def read_rows(row: dict, spec: JobSpec, done: frozenset) -> Iterator[dict]:
@@ -86,8 +103,9 @@ def read_rows(row: dict, spec: JobSpec, done: frozenset) -> Iterator[dict]:
 
 
 def prompt_batch(batch: dict, spec: JobSpec) -> dict:
-    """Chat prompts of a batch of documents: ``prompt_ids``, ``document_tokens``,
-    ``document_truncated``; a document that cannot be prepared gets its ``error``. Drops ``text``."""
+    """Chat prompts of a batch of documents: ``prompt_ids``, ``planned_prompt_tokens`` (their
+    count), ``document_tokens``, ``document_truncated``; a document that cannot be prepared gets its
+    ``error``. Drops ``text``."""
     from icecache_ray.data.columns import cached_tokenizer, object_column
 
     tokenizer = cached_tokenizer(spec.model_source)
@@ -101,7 +119,19 @@ def prompt_batch(batch: dict, spec: JobSpec) -> dict:
         truncated.append(bool(prompt and prompt.truncated))
         errors.append(str(error) if error else None)
     return {"id": batch["id"], "source": batch["source"], "prompt_ids": object_column(ids),
-            "document_tokens": tokens, "document_truncated": truncated, "error": object_column(errors)}
+            "planned_prompt_tokens": [len(i) for i in ids], "document_tokens": tokens, "document_truncated": truncated,
+            "error": object_column(errors)}
+
+
+def progress_actor(ray):
+    """The :class:`~icecache_ray.data.inflight.InFlight` actor the replicas tell their work, on the
+    driver's node (no CPU)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from icecache_ray.data.inflight import InFlight
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(InFlight).options(num_cpus=0, scheduling_strategy=here, max_restarts=-1).remote()
 
 
 def replica_count(resources: dict, threads: int, gpus_per_replica: float) -> int:

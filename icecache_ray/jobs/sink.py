@@ -32,28 +32,31 @@ class ResultSink:
         self._rows: list[dict] = []
         self._since = time.monotonic()
 
-    def add_result(self, row: dict, source: str) -> None:
-        """One summarized document (an output row with ``id`` and ``generated_tokens``) read from ``source``."""
+    def add_result(self, row: dict, source: str, planned_prompt: int) -> None:
+        """One summarized document (an output row with ``id``, ``prompt_tokens`` and
+        ``generated_tokens``) read from ``source``; ``planned_prompt``: its prompt tokens as the
+        progress planned them."""
         if row["id"] in self.seen:
-            self.add_error(row["id"], source, f"duplicate id {row['id']!r}: only its first occurrence is used")
+            self.add_error(row["id"], source, f"duplicate id {row['id']!r}: only its first occurrence is used", planned_prompt)
             return
         self.seen.add(row["id"])
         self._rows.append(row)
         self.ok += 1
         self.documents += 1
         self.truncated += bool(row.get("truncated"))
-        self.progress.update(1, row["generated_tokens"])
+        self.progress.ended(True, planned_prompt, row["prompt_tokens"], row["generated_tokens"])
         if len(self._rows) >= self.part_rows or time.monotonic() - self._since >= self.part_seconds:
             self.flush()
 
-    def add_error(self, doc_id: str | None, source: str, reason: str) -> None:
-        """A document (``doc_id``) or a whole file (``None``) that produced no summary, and why."""
+    def add_error(self, doc_id: str | None, source: str, reason: str, planned_prompt: int = 0) -> None:
+        """A document (``doc_id``) or a whole file (``None``) that produced no summary, and why;
+        ``planned_prompt``: the document's prompt tokens as the progress planned them."""
         log.error("%s%s: %s", source, f" ({doc_id})" if doc_id else "", reason)
         self.out.write_errors([{"id": doc_id, "source": source, "reason": reason}])
         self.failed += 1
         if doc_id is not None:
             self.documents += 1
-            self.progress.update(1, 0)
+            self.progress.ended(False, planned_prompt)
 
     def flush(self) -> None:
         """Write the buffered rows as one part (atomically)."""

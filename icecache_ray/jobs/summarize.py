@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0,
                    help="at most N documents this run (local: the first N not yet done; ray: N input rows as read)")
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2)")
+    p.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                   help="a progress line (tokens prefilled and generated, documents, rates, ETA) this often")
     return p
 
 
@@ -110,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args) -> tuple[IceCacheConfig, EngineConfig]:
     """Every option validated before Ray or a model starts (SystemExit with the reason)."""
-    for name in ("max_new_tokens", "max_step_tokens", "batch_size", "max_concurrent_batches", "part_rows"):
+    for name in ("max_new_tokens", "max_step_tokens", "batch_size", "max_concurrent_batches", "part_rows", "progress_every"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: must be positive")
     for name in ("replicas", "threads", "limit", "max_running", "device_kv_gib"):
@@ -206,7 +208,7 @@ def summarize_into(out: OutputDir, args, folder, settings: RunSettings, config: 
     done = out.done_ids()
     context = AutoConfig.from_pretrained(folder).max_position_embeddings
     spec = JobSpec(str(folder), args.instruction, context - args.max_new_tokens, args.id_column, args.text_column)
-    sink = ResultSink(out, done, Progress(0), part_rows=args.part_rows)
+    sink = ResultSink(out, done, Progress(args.max_new_tokens, args.progress_every), part_rows=args.part_rows)
     for e in list_errors:
         sink.add_error(e.id, e.source, e.reason)
     runner = run_local if args.engine == "local" else run_ray
