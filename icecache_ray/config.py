@@ -19,6 +19,7 @@ BEAM_KINDS = ("fixed", "log", "linear")
 # keys it scores (icecache_ray.index.storage says what that costs).
 POOL_DTYPES = ("float32", "bfloat16", "float16")
 POLICIES = ("icecache", "quest", "oracle", "streaming", "full")
+SELECTORS = ("device", "host")
 
 
 def _fail(owner: str, name: str, value: Any, why: str) -> None:
@@ -177,14 +178,17 @@ class IceCacheConfig:
     layer_reuse: the paper's IceCache(r): sparse layers are grouped in runs of ``layer_reuse``;
         the first (anchor) layer of a run selects pages, the next ``layer_reuse - 1`` layers attend
         over the anchor's pages (their own K/V of those pages). 1 = every layer selects.
-    prefill_chunk: query rows per attention call during a masked (padded) prefill (bounds the
-        score workspace to ``prefill_chunk x prompt`` per head where a kernel materialises scores);
-        unmasked prompts use one fused causal call. The K/V of a layer is computed in one pass.
     token_pages: icecache only: how many of the ``retrieved_pages`` slots hold single tokens
         instead of whole pages: the ``token_pages * page_size`` tokens of largest attention mass
         among the candidate pages not chosen whole (the index scores them exactly anyway).
         ``None`` picks ``retrieved_pages // 3``; 0 = pages only (the paper); at most
         ``retrieved_pages - 1``. Same budget either way.
+    selector: icecache only: where a decode step chooses its pages. ``device``: every page's mean
+        key is scored on the device, the best ``shortlist * retrieved_pages`` pages are re-scored
+        exactly from their keys (no host round trip per layer); ``host``: the M-DCI beam search of
+        the index service (the paper's search; the reference). ``None`` picks ``device``, or
+        ``host`` with ``layer_reuse > 1`` (``device`` needs ``layer_reuse=1``).
+    shortlist: with ``selector="device"``, shortlisted pages per retrieved slot (>= 1).
     """
 
     page_size: int = 16
@@ -196,16 +200,25 @@ class IceCacheConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     layer_reuse: int = 1
-    prefill_chunk: int = 2048
     token_pages: int | None = None
+    selector: str | None = None
+    shortlist: float = 4.0
 
     def __post_init__(self) -> None:
         _positive_int("IceCacheConfig", "page_size", self.page_size)
         _positive_int("IceCacheConfig", "layer_reuse", self.layer_reuse)
-        _positive_int("IceCacheConfig", "prefill_chunk", self.prefill_chunk)
         _positive_int("IceCacheConfig", "budget", self.budget)
         _non_negative_int("IceCacheConfig", "n_full_layers", self.n_full_layers)
         _choice("IceCacheConfig", "policy", self.policy, POLICIES)
+        if self.selector is None:
+            object.__setattr__(self, "selector", "device" if self.layer_reuse == 1 else "host")
+        _choice("IceCacheConfig", "selector", self.selector, SELECTORS)
+        if not (isinstance(self.shortlist, (int, float)) and not isinstance(self.shortlist, bool)
+                and math.isfinite(self.shortlist) and self.shortlist >= 1):
+            _fail("IceCacheConfig", "shortlist", self.shortlist, "must be a finite number >= 1")
+        if self.selector == "device" and self.policy == "icecache" and self.layer_reuse > 1:
+            _fail("IceCacheConfig", "layer_reuse", self.layer_reuse,
+                  "the device selector needs layer_reuse=1 (followers read the host selector's token ids); use selector='host'")
         sink, window = default_sink_window(self.budget, self.page_size)
         if self.sink_tokens is None:
             object.__setattr__(self, "sink_tokens", sink)
@@ -256,6 +269,8 @@ class IceCacheConfig:
         if "budget" in changes or "page_size" in changes:
             changes.setdefault("sink_tokens", None)
             changes.setdefault("window_tokens", None)
+        if "layer_reuse" in changes:
+            changes.setdefault("selector", None)
         if {"budget", "page_size", "sink_tokens", "window_tokens"} & set(changes):
             changes.setdefault("token_pages", None)
         return replace(self, **changes)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 import sys
 import time
 
@@ -77,6 +78,11 @@ def _parse(argv):
     p.add_argument("--random-weights", action="store_true",
                    help="SmolLM2-135M's architecture with random weights and random-token documents (for machines "
                         "without the bundled model or ../shared data, e.g. a lent GPU machine; timings are valid, tokens are not)")
+    p.add_argument("--selectors", default="device,host",
+                   help="icecache selectors of the steady phase (the first also runs end to end and is labelled "
+                        "icecache@B; the others icecache@B/host ...)")
+    p.add_argument("--skip-floor", action="store_true",
+                   help="leave out the floor rows (the full cache over prompts as long as the budget keeps)")
     p.add_argument("--skip-ray", action="store_true", help="leave out the Ray engine run")
     p.add_argument("--skip-hf", action="store_true", help="leave out the transformers DynamicCache reference")
     p.add_argument("--skip-e2e", action="store_true", help="steady-state phase only")
@@ -104,6 +110,9 @@ def _parse(argv):
         args.batches = positive_ints(args.max_running, "max-running")
         args.thread_counts = positive_ints(args.select_threads, "select-threads")
         args.policy_names = [x.strip() for x in args.policies.split(",") if x.strip()]
+        args.selector_names = [x.strip() for x in args.selectors.split(",") if x.strip()]
+        if not args.selector_names or set(args.selector_names) - {"device", "host"}:
+            raise ValueError(f"--selectors={args.selectors!r}: choose from device, host")
         unknown = sorted(set(args.policy_names) - {"full", "quest", "icecache"})
         if unknown or not args.policy_names:
             raise ValueError(f"--policies={args.policies!r}: choose from full, quest, icecache")
@@ -221,16 +230,31 @@ def _steady_phase(model, docs, configs, rows: list, args) -> float | None:
         log.info("dense prefill %d/%d (%d tokens)", i + 1, need, len(ids))
         prefills.append(SharedPrefill(model, ids))
     tok_s = sum(len(d) for d in docs[:need]) / (time.perf_counter() - t0)
+    floors = [] if args.skip_floor else [SharedPrefill(model, ids[: args.budget]) for ids in docs[:need]]
     for batch in args.batches:
         for name, ice in configs.items():
-            for threads in args.thread_counts if ice.policy != "full" else args.thread_counts[:1]:
-                label = name if threads == args.thread_counts[0] else f"{name} select_threads={threads}"
+            for label, variant, threads in _steady_variants(name, ice, args):
                 log.info("steady state: %s, %d rows", label, batch)
-                rows.append(steady_local(model, prefills, label, ice, batch, args, threads))
+                rows.append(steady_local(model, prefills, label, variant, batch, args, threads))
+        if floors:  # what the same rows cost when every layer holds as many tokens as the budget keeps
+            log.info("steady state: floor (full cache over %d-token prompts), %d rows", args.budget, batch)
+            rows.append(steady_local(model, floors, f"floor@{args.budget}", IceCacheConfig(policy="full"), batch, args))
         if not args.skip_hf:
             log.info("steady state: transformers DynamicCache, batch %d", batch)
             rows.append(steady_hf(model, prefills, batch, args))
     return tok_s
+
+
+def _steady_variants(name: str, ice: IceCacheConfig, args):
+    """(label, config, select threads) of one policy's steady rows: icecache once per selector
+    (the first keeps the plain label), the host selector once per select-thread count."""
+    selectors = args.selector_names if ice.policy == "icecache" else [ice.selector]
+    for k, selector in enumerate(selectors):
+        variant = replace(ice, selector=selector) if ice.policy == "icecache" else ice
+        base = name if k == 0 else f"{name}/{selector}"
+        threads = args.thread_counts if ice.policy != "full" and variant.selector == "host" else args.thread_counts[:1]
+        for t in threads:
+            yield (base if t == threads[0] else f"{base} select_threads={t}"), variant, t
 
 
 def _line(row: dict) -> str:
@@ -270,6 +294,7 @@ def summarize(rows: list[dict], args) -> dict:
         f"select_frac_local_b{b}": local["select_frac"] if local else None,
         "tokens_identical": None,
     }
+    out.update(_steady_targets(steady, args))
     if getattr(args, "device_kv_bytes", None) is not None:  # each policy at the rows the budget gave it
         out.update(capacity_ratios(rows, args.budget))
     if alone is not None and local is not None:
@@ -279,6 +304,23 @@ def summarize(rows: list[dict], args) -> dict:
         out["tokens_identical_compared"] = ["alone", "local batch"] + (["ray batch"] if ray else [])
         if ray:
             out["ray_local_docs_identical"] = sum(a == r for a, r in zip(local["tokens"], ray["tokens"]))
+    return out
+
+
+def _steady_targets(steady: dict, args) -> dict:
+    """Per batch size: icecache's step against the floor and the full cache, its select share;
+    per configuration: device->host transfers per step."""
+    ice, out = f"icecache@{args.budget}", {}
+    for b in args.batches:
+        row, full, floor = steady.get((ice, b)), steady.get(("full", b)), steady.get((f"floor@{args.budget}", b))
+        out[f"icecache_step_vs_floor_b{b}"] = _ratio(floor, row, "decode_tok_s")
+        out[f"decode_speedup_icecache_vs_full_b{b}"] = _ratio(row, full, "decode_tok_s")
+        out[f"select_frac_b{b}"] = row["select_ms_per_step"] / row["step_ms_median"] if row and row.get("select_ms_per_step") is not None else None
+    out["host_syncs_per_step"] = {f"{c} B={b}": r.get("host_syncs_per_step") for (c, b), r in steady.items()
+                                  if r.get("host_syncs_per_step") is not None}
+    if 1 in args.batches:
+        for b in args.batches:
+            out[f"decode_scaling_icecache_b{b}_vs_b1"] = _ratio(steady.get((ice, b)), steady.get((ice, 1)), "decode_tok_s")
     return out
 
 

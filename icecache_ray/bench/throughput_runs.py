@@ -27,15 +27,18 @@ def steady_local(model, prefills, name: str, ice: IceCacheConfig, batch: int, ar
         for pre in prefills[:batch]:
             engine.add_prefilled(Sequence(pre.prompt, n_steps + 1), pre.keys, pre.values, int(pre.logits.argmax()))
         engine.drain()  # index builds of the loaded prompts finish before the clock starts
-        step_ms, select_ms = [], []
+        step_ms, select_ms, syncs = [], [], []
         for _ in range(n_steps):
             t0 = time.perf_counter()
             engine.step()
             engine.drain()
             step_ms.append(1e3 * (time.perf_counter() - t0))
             select_ms.append(engine.last_stats.select_ms)
+            syncs.append(engine.last_stats.host_syncs)
         device_bytes = engine.runner.device_bytes()
-    return _steady_row(name, "local", batch, step_ms[args.warmup :], select_ms[args.warmup :], device_bytes, mem)
+    row = _steady_row(name, "local", batch, step_ms[args.warmup :], select_ms[args.warmup :], device_bytes, mem)
+    return row | {"selector": ice.selector if ice.policy == "icecache" else None,
+                  "host_syncs_per_step": statistics.fmean(syncs[args.warmup :])}
 
 
 def steady_hf(model, prefills, batch: int, args) -> dict:

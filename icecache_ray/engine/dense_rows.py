@@ -1,16 +1,17 @@
 """A dense (full-attention) layer over rows: K/V buffers ``[R, H, max_seq_len, d]`` allocated once.
 
 A row's tokens sit at their positions, so a row's length is simply the position of its latest
-token + 1 and nothing is ever concatenated: a step writes only its new tokens. Decode tokens
-attend over their row's prefix (one call per row, on a view: no copy, no padding); a prompt chunk
-attends causally over its row's earlier tokens and itself.
+token + 1 and nothing is ever concatenated: a step writes only its new tokens. All decode tokens
+of a step attend in **one** call over a view of the rows they span (a length mask made once per
+step hides other rows' tails and rows that are not decoding); a prompt chunk attends causally over
+its row's earlier tokens and itself.
 """
 
 from __future__ import annotations
 
 import torch
 
-from icecache_ray.engine.attention import decode_attention, prefill_attention
+from icecache_ray.engine.attention import prefill_attention
 
 
 class DenseRows:
@@ -34,13 +35,28 @@ class DenseRows:
     def attend(self, step, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """query: [1, Hq, N, d]. Returns [N, Hq, d]."""
         out = query.new_empty((query.shape[2], query.shape[1], query.shape[3]))
-        for i, (row, pos) in enumerate(step.decodes):
-            out[i] = decode_attention(query[0, :, i], self.k[row, :, : pos + 1], self.v[row, :, : pos + 1], scaling)
+        if step.n_decode:
+            for row, lo, hi in step.dense_zero:  # never-written memory may hold NaN, which a 0 weight keeps
+                self.k[row, :, lo:hi] = 0
+                self.v[row, :, lo:hi] = 0
+            out[: step.n_decode] = self._decode(step.dense, query[0, :, : step.n_decode].transpose(0, 1), scaling)
         for seg in step.prefill:
             q = query[:, :, seg.offset : seg.offset + seg.n]
             k, v = self.k[seg.row : seg.row + 1, :, : seg.end], self.v[seg.row : seg.row + 1, :, : seg.end]
             out[seg.offset : seg.offset + seg.n] = prefill_attention(q, k, v, seg.start, scaling)[0].transpose(0, 1)
         return out
+
+    def _decode(self, span, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One SDPA call for every decode row. query: [n, Hq, d]; ``span`` (:class:`DenseSpan`):
+        the rows ``lo .. lo + R - 1`` the decode rows lie in, where each decode row sits in that
+        span and its length mask. Returns [n, Hq, d]."""
+        n, hq, d = query.shape
+        heads = self.k.shape[1]
+        q = query.new_zeros((span.n_rows, heads, hq // heads, d))
+        q[span.index] = query.reshape(n, heads, hq // heads, d)
+        k, v = self.k[span.lo : span.lo + span.n_rows, :, : span.length], self.v[span.lo : span.lo + span.n_rows, :, : span.length]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=span.mask, scale=scaling)
+        return out[span.index].reshape(n, hq, d)
 
     def load_prefill(self, row: int, seq_id: str, key: torch.Tensor, value: torch.Tensor) -> None:
         """A whole prompt's K/V [H, T, d] computed elsewhere, into ``row``."""

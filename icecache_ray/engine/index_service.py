@@ -43,6 +43,24 @@ class Selection(PagePicks):
     token_bounds: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class PageChange:
+    """Pages of one (sequence, KV head) store that are new or were rewritten: index page ids
+    ``pages`` [m], their pool pages and valid rows (ids and counts only, never page bytes)."""
+
+    seq: str
+    head: int
+    pages: np.ndarray
+    pool_pages: np.ndarray
+    counts: np.ndarray
+
+
+def _change(store, item, pages: np.ndarray) -> PageChange:
+    pages = np.asarray(pages, np.int64)
+    return PageChange(item.seq, item.head, pages, np.asarray(store.pool_pages(pages), np.int64),
+                      np.asarray(store.page_counts(pages), np.int64))
+
+
 class LostStores(KeyError):
     """A request names a store this service does not hold: it was restarted since the store was
     built (the caller replays its log) or the sequence was released."""
@@ -161,16 +179,22 @@ class IndexService:
 
     # ------------------------------------------------------------------ writes
     @_layer_locked
-    def build(self, layer: int, inbox: str | None, items: list) -> int:
-        """New stores from K/V rows (an item with n = 0 makes an empty store). Returns tokens."""
+    def build(self, layer: int, inbox: str | None, items: list) -> list[PageChange]:
+        """New stores from K/V rows (an item with n = 0 makes an empty store). Returns every page
+        of the new stores (:class:`PageChange`; none for policies without a pool)."""
+        out = []
         for it in items:
-            self.stores[layer][(it.seq, it.head)] = self.policy.build(*self._rows(inbox, it))
-        return sum(it.n for it in items)
+            store = self.stores[layer][(it.seq, it.head)] = self.policy.build(*self._rows(inbox, it))
+            if self.pool is not None:
+                out.append(_change(store, it, np.arange(store.n_pages, dtype=np.int64)))
+        return out
 
     @_layer_locked
-    def insert(self, layer: int, inbox: str | None, items: list) -> int:
+    def insert(self, layer: int, inbox: str | None, items: list) -> list[PageChange]:
         """Append rows to existing stores; the changed pool pages are reported by the next
-        :meth:`select` of each (sequence, head). Returns tokens inserted."""
+        :meth:`select` of each (sequence, head), and returned (:class:`PageChange`) for a device
+        page summary."""
+        out = []
         for it in items:
             if not it.n:
                 continue
@@ -179,7 +203,8 @@ class IndexService:
             pages = store.insert(*self._rows(inbox, it))
             if self.pool is not None:
                 self.dirty[layer].setdefault(key, []).append(store.pool_pages(pages))
-        return sum(it.n for it in items)
+                out.append(_change(store, it, pages))
+        return out
 
     # ------------------------------------------------------------------ reads
     @_layer_locked

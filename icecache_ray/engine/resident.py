@@ -79,6 +79,34 @@ class ResidentKV:
         index = torch.from_numpy(np.ascontiguousarray(rows, np.int64)).to(self.kv.device)
         return self._copier.copy(pool, pages, index, self.flat, token_pages, token_rows)
 
+    def flat_base(self, rows: torch.Tensor) -> torch.Tensor:
+        """[n, H] flat K row of position 0 of each (row, KV head) (V rows follow :attr:`v_offset` later)."""
+        heads = torch.arange(self.heads, device=rows.device)
+        return (rows[:, None] * self.heads + heads[None, :]) * self.length
+
+    @property
+    def v_offset(self) -> int:
+        return self.batch * self.heads * self.length
+
+    def write_t(self, rows: torch.Tensor, kv: torch.Tensor) -> None:
+        """``kv`` [2, ...rows.shape, d] (K, V) into flat K rows ``rows`` (device tensor, any shape)."""
+        index = torch.cat([rows.reshape(-1), rows.reshape(-1) + self.v_offset])
+        self.flat.index_copy_(0, index, kv.reshape(-1, kv.shape[-1]).to(self.flat.dtype))
+
+    def rows_view(self, rows: torch.Tensor, span) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [n, H, L, d] of buffer ``rows`` [n]: a view when the step's decode rows are
+        consecutive (``span``: the step's :class:`~icecache_ray.engine.row_cache.DenseSpan`)."""
+        if span.n_rows == rows.shape[0]:
+            return self.kv[0, span.lo : span.lo + span.n_rows], self.kv[1, span.lo : span.lo + span.n_rows]
+        return self.kv[0].index_select(0, rows), self.kv[1].index_select(0, rows)
+
+    def attend_t(self, query: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, span, scaling: float) -> torch.Tensor:
+        """:meth:`attend` with a device mask [n, H, L] and device rows [n]. Returns [n, Hq, d]."""
+        n, hq, d = query.shape
+        k, v = self.rows_view(rows, span)
+        q = query.reshape(n, self.heads, hq // self.heads, d)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, None, :], scale=scaling).reshape(n, hq, d)
+
     def attend(self, query: torch.Tensor, mask: np.ndarray, rows: np.ndarray, scaling: float) -> torch.Tensor:
         """Decode attention of one query per row. query: [n, Hq, d]; mask: [n, H, L] bool (True =
         attend); rows: [n] buffer rows. Returns [n, Hq, d].

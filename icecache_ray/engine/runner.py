@@ -23,6 +23,8 @@ from icecache_ray.engine.row_cache import RowCache, StepLayout
 from icecache_ray.engine.sparse_rows import SparseRows
 from icecache_ray.engine.stats import StepStats
 from icecache_ray.engine.stores import LayerStores
+from icecache_ray.engine.transfers import host_transfers, to_host
+from icecache_ray.engine.window import RowWindows
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,11 @@ class ModelRunner:
         if sparse and not self.clients:
             raise ValueError(f"policy {config.policy!r} needs at least one index service for its sparse layers")
         self.owner = {layer: self.clients[k % len(self.clients)] for k, layer in enumerate(sparse)}
+        # one window state for every sparse layer: they hold the same positions of the same rows
+        self.windows = RowWindows(n_rows, config.sink_tokens, config.window_pages, config.page_size)
+        # dense rows: positions below this were written or zeroed at least once (a padded decode
+        # call reads up to the step's longest row; never-written memory there may hold NaN)
+        self.clean_end, self.max_seq_len = np.zeros(n_rows, np.int64), max_seq_len
         self.cache = RowCache(self._build_layers(n_layers, head_dim, n_rows, max_seq_len))
         self.sparse = [layer for layer in self.cache.layers if isinstance(layer, SparseRows)]
         self._previous_attention = use_row_attention(model)
@@ -89,7 +96,8 @@ class ModelRunner:
             if anchor_idx not in self.layers:
                 raise ValueError(f"layers={self.layers}: starts inside a layer_reuse={cfg.layer_reuse} run (anchor layer {anchor_idx})")
             anchor = out[anchor_idx] if anchor_idx != i else None
-            out[i] = SparseRows(i, cfg, n_rows, heads, head_dim, self.dtype, self.device, LayerStores(self.owner[i], i), anchor)
+            out[i] = SparseRows(i, cfg, self.windows, heads, head_dim, self.dtype, self.device, LayerStores(self.owner[i], i),
+                                anchor, max_seq_len)
         return out
 
     # ------------------------------------------------------------------ one step
@@ -99,15 +107,17 @@ class ModelRunner:
         [N, D], or on the last stage the logits [M, V] of the M emitting segments; and the step's
         counters (:meth:`StepLayout.counters`)."""
         self.release(plan.released)
-        layout = StepLayout(plan, self.device)
+        ids = self.first and isinstance(x, np.ndarray)  # token ids travel in the step's one upload
+        arrays, leaving = self._advance_windows(plan)
+        layout = StepLayout(plan, self.device, arrays | ({"tokens": x} if ids else {}))
+        layout.leaving = leaving
+        layout.dense_zero = self._zero_ahead(layout)
         if not plan.n_segments:
             return torch.zeros(0), layout.counters()
         inner = self.model.model
-        if isinstance(x, np.ndarray) and not x.flags.writeable:  # token ids out of Ray's object store are read-only
-            x = x.copy()
-        x = torch.as_tensor(x).to(self.device)
+        x = layout.t["tokens"] if ids else torch.as_tensor(x).to(self.device)
         hidden = inner.embed_tokens(x[None]) if self.first else x[None].to(self.dtype)
-        positions = torch.from_numpy(plan.positions).to(self.device)[None]
+        positions = layout.t["positions"][None]
         rotary = inner.rotary_emb(hidden, position_ids=positions)
         self.cache.begin(layout)
         token = ACTIVE_CACHE.set(self.cache)
@@ -119,14 +129,47 @@ class ModelRunner:
             ACTIVE_CACHE.reset(token)
         if not self.last:
             return hidden[0], layout.counters()
-        emit = torch.from_numpy(plan.emit_tokens).to(self.device)
-        return self.model.lm_head(inner.norm(hidden[0, emit])), layout.counters()
+        return self.model.lm_head(inner.norm(hidden[0, layout.t["emit"]])), layout.counters()
+
+    def _zero_ahead(self, layout: StepLayout) -> list[tuple[int, int, int]]:
+        """Rows of the dense decode span whose buffers must be zeroed up to the span's length
+        first: (row, from, to), 256 positions ahead so that this happens once in a while."""
+        plan, span = layout.plan, layout.dense
+        np.maximum.at(self.clean_end, plan.rows, plan.starts + plan.lengths)  # written this step
+        if span is None or len(self.sparse) == len(self.layers):
+            return []
+        rows = np.arange(span.lo, span.lo + span.n_rows)
+        need = rows[self.clean_end[rows] < span.length]
+        out = []
+        for row in need.tolist():
+            hi = min(self.max_seq_len, span.length + 256)
+            out.append((row, int(self.clean_end[row]), hi))
+            self.clean_end[row] = hi
+        return out
+
+    def _advance_windows(self, plan: StepPlan) -> tuple[dict, list]:
+        """Once per step, for every sparse layer: the previous step's leaving tokens retire (each
+        layer has their insertion finished before it attends), each decode row's new token takes
+        its ring row, and what leaves the window now is marked. Returns the arrays the step uploads
+        (``ring_flat`` [n, H], ``sink_valid`` [n, sink], ``ring_valid`` [n, ring]) and the leaving
+        tokens [(decode index, ring rows [m])]."""
+        if not self.sparse or not plan.n_decode:
+            return {}, []
+        rows, w, kv = plan.rows[: plan.n_decode].astype(np.int64), self.windows, self.sparse[0].kv
+        w.retire(rows)
+        ring = w.place_next(rows)
+        heads = np.arange(kv.heads)
+        flat = kv.flat_rows(rows[:, None], heads[None, :], kv.ring_start + ring[:, None])[0]
+        arrays = {"ring_flat": flat, "sink_valid": w.sink_valid(rows), "ring_valid": w.ring_valid(rows)}
+        leaving = [(i, w.ring_index(np.arange(lo, hi))) for i, (lo, hi) in enumerate(w.leaving(rows)) if hi > lo]
+        return arrays, leaving
 
     @torch.inference_mode()
     def load_prefill(self, row: int, seq_id: str, keys: list, values: list) -> None:
         """Take a finished dense prefill of one sequence (per model layer K/V [H, T, d], post-RoPE)
         as if this runner had run it on ``row``: dense layers keep it, sparse layers keep sink +
         window and index the middle (every policy's prefill is the same dense attention)."""
+        self.clean_end[row] = max(self.clean_end[row], keys[self.layers.start].shape[1])
         for i in self.layers:
             self.cache.layers[i].load_prefill(row, seq_id, keys[i].to(self.device, self.dtype), values[i].to(self.device, self.dtype))
 
@@ -170,8 +213,34 @@ def run_stage(runner: ModelRunner, plan: StepPlan, incoming, want_logits: bool =
     stage) or the previous stage's answer. Returns (hidden states, counters), or on the last stage
     (next-token ids [M] or logits [M, V], counters)."""
     x, counters = incoming if isinstance(incoming, tuple) else (incoming, None)
+    before = host_transfers()
     out, own = runner.step(plan, x)
+    device_counts = own.pop("device_counts", None)  # [2, n] pages selected / loaded, still on the device
     if runner.last and not want_logits:
-        out = out.argmax(-1) if out.numel() else torch.zeros(0, dtype=torch.long)
+        ids = out.argmax(-1) if out.numel() else torch.zeros(0, dtype=torch.long, device=out.device)
+        if device_counts is not None:  # the ids and the counters in ONE device->host copy
+            host = to_host(torch.cat([ids, device_counts.reshape(-1)]))
+            out, device_counts = torch.from_numpy(host[: ids.shape[0]]), host[ids.shape[0] :].reshape(2, -1)
+        else:
+            out = torch.from_numpy(to_host(ids))
+    elif device_counts is not None:
+        device_counts = to_host(device_counts)
+    if device_counts is not None:
+        _add_device_counts(own, device_counts)
+    own["stats"].host_syncs += host_transfers() - before
     return out, merge_counters(counters, own)
+
+
+def _add_device_counts(counters: dict, counts: np.ndarray) -> None:
+    """Fold the device-side page counters [2, n] (selected, loaded per decode row) into a step's."""
+    selected, loaded = counts[0].astype(np.int64), counts[1].astype(np.int64)
+    stats = counters["stats"]
+    stats.pages_selected += int(selected.sum())
+    stats.pages_loaded += int(loaded.sum())
+    stats.pages_hit += int((selected - loaded).sum())
+    page_bytes = counters.pop("page_bytes", 0)
+    stats.bytes_loaded += int(loaded.sum()) * page_bytes
+    counters["pages_selected"] = counters["pages_selected"] + selected
+    counters["pages_loaded"] = counters["pages_loaded"] + loaded
+    counters["bytes_loaded"] = counters["bytes_loaded"] + loaded * page_bytes
 

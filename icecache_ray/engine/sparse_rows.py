@@ -22,9 +22,11 @@ import torch
 
 from icecache_ray.config import IceCacheConfig
 from icecache_ray.engine.attention import prefill_attention
+from icecache_ray.engine.device_pages import DevicePages
 from icecache_ray.engine.resident import ResidentKV
 from icecache_ray.engine.slots import SlotTable
 from icecache_ray.engine.stats import StepStats
+from icecache_ray.engine.transfers import to_host
 from icecache_ray.engine.window import RowWindows
 from icecache_ray.ragged import EMPTY
 
@@ -33,17 +35,19 @@ class SparseRows:
     """Sparse layer ``layer_idx`` for ``n_rows`` rows (see module docstring). With ``anchor`` set,
     the layer attends over its own K/V of the tokens that layer selected (IceCache(r))."""
 
-    def __init__(self, layer_idx: int, config: IceCacheConfig, n_rows: int, heads: int, head_dim: int, dtype, device,
-                 stores, anchor: "SparseRows | None" = None) -> None:
+    def __init__(self, layer_idx: int, config: IceCacheConfig, windows: RowWindows, heads: int, head_dim: int, dtype, device,
+                 stores, anchor: "SparseRows | None" = None, max_seq_len: int = 8192) -> None:
         self.layer_idx, self.cfg, self.stores, self.anchor = layer_idx, config, stores, anchor
-        p = config.page_size
-        self.windows = RowWindows(n_rows, config.sink_tokens, config.window_pages, p)
+        p, n_rows = config.page_size, len(windows.length)
+        self.windows = windows  # the runner's, shared by every sparse layer (it advances them once per step)
         slot_rows = config.retrieved_pages * p
         self.kv = ResidentKV(n_rows, heads, config.sink_tokens, slot_rows, self.windows.ring_tokens, head_dim, dtype, device)
-        self.ret_valid = np.zeros((n_rows, heads, slot_rows), bool)  # valid rows of the slot region
+        self.ret_valid = np.zeros((n_rows, heads, slot_rows), bool)  # valid rows of the slot region (host selector)
         paged = config.policy == "icecache" and anchor is None
         # icecache: whole pages in the first page_slots slots, single tokens (re-read every step) after them
-        self.slots = SlotTable(n_rows, heads, config.page_slots, p) if paged else None
+        on_device = paged and config.selector == "device"
+        self.device_pages = DevicePages(config, self.kv, max_seq_len, device) if on_device else None
+        self.slots = SlotTable(n_rows, heads, config.page_slots, p) if paged and not on_device else None
         self.token_start = config.page_slots * p if paged else slot_rows  # first token-slot row of the slot region
         self.seq_of_row: list[str | None] = [None] * n_rows
         self.staging: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> prompt K, V [H, T, d]
@@ -57,6 +61,8 @@ class SparseRows:
         self.windows.clear_row(row)
         if self.slots is not None:
             self.slots.reset_row(row)
+        if self.device_pages is not None:
+            self.device_pages.reset_row(row)
         self.ret_valid[row] = False
         self.staging.pop(row, None)
         self.seq_of_row[row] = None
@@ -66,12 +72,9 @@ class SparseRows:
         """key / value: [1, H, N, d] post-RoPE: decode tokens into the rings, prompt chunks into staging."""
         nd = step.n_decode
         if nd:
-            rows = step.decode_rows
-            self.stores.wait()  # last step's inserts (normally long done)
-            self.windows.retire(rows)
-            ring = self.windows.place_next(rows)
-            flat = self.kv.flat_rows(rows[:, None], self.heads[None, :], self.kv.ring_start + ring[:, None])  # [2, n, H]
-            self.kv.write(flat, torch.stack([key[0, :, :nd].transpose(0, 1), value[0, :, :nd].transpose(0, 1)]))
+            self._settle()
+            ring = step.t["ring_flat"]  # [n, H] flat K rows of each row's new token (the runner placed them)
+            self.kv.write_t(ring, torch.stack([key[0, :, :nd].transpose(0, 1), value[0, :, :nd].transpose(0, 1)]))
         for seg in step.prefill:
             if seg.start == 0:
                 self.release(seg.row)
@@ -81,6 +84,16 @@ class SparseRows:
             k, v = self.staging[seg.row]
             k[:, seg.start : seg.end] = key[0, :, seg.offset : seg.offset + seg.n]
             v[:, seg.start : seg.end] = value[0, :, seg.offset : seg.offset + seg.n]
+
+    def _settle(self) -> None:
+        """The previous step's builds / inserts are done (normally long since); with the device
+        selector their page changes enter the summary now: a change issued at step t lands at t + 1."""
+        if self.device_pages is None:
+            self.stores.wait()
+            return
+        changes, reset = self.stores.take_changes()
+        row_of = {seq: row for row, seq in enumerate(self.seq_of_row) if seq is not None}
+        self.device_pages.apply(changes, reset, row_of, self.stores.pool)
 
     # ------------------------------------------------------------------ attention
     def attend(self, step, query: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -117,8 +130,16 @@ class SparseRows:
         """query: [n, Hq, d] of the decoding rows. Returns [n, Hq, d]."""
         rows, stats = step.decode_rows, StepStats()
         n, hq, d = query.shape
-        host_q = np.ascontiguousarray(query.float().cpu().numpy()).reshape(n, len(self.heads), hq // len(self.heads), d)
         seqs = [self.seq_of_row[r] for r in rows.tolist()]
+        if self.device_pages is not None:
+            q = query.reshape(n, len(self.heads), hq // len(self.heads), d).float()
+            slot_mask = self.device_pages.select_and_load(step, q, scaling)
+            t0 = time.perf_counter()
+            out = self.kv.attend_t(query, self._mask_t(step, slot_mask), step.t["decode_rows"], step.dense, scaling)
+            step.stats.attend_ms += 1e3 * (time.perf_counter() - t0)
+            self._offload_leaving(step, seqs)
+            return out
+        host_q = to_host(query).reshape(n, len(self.heads), hq // len(self.heads), d)
         if self.anchor is not None:
             self._write_tokens(rows, seqs, self.anchor.selected, stats, step)
         elif self.slots is not None:
@@ -130,10 +151,11 @@ class SparseRows:
             self._write_tokens(rows, seqs, tokens, stats, step)
             self.selected = tokens if self.publish else None
         t0 = time.perf_counter()
-        out = self.kv.attend(query, self._mask(rows), rows, scaling)
+        slot_mask = torch.from_numpy(self.ret_valid[rows]).to(query.device)
+        out = self.kv.attend_t(query, self._mask_t(step, slot_mask), step.t["decode_rows"], step.dense, scaling)
         stats.attend_ms += 1e3 * (time.perf_counter() - t0)
         step.record(stats)
-        self._offload_leaving(rows, seqs)
+        self._offload_leaving(step, seqs)
         return out
 
     def _select_pages(self, rows: np.ndarray, seqs: list[str], host_q: np.ndarray, stats: StepStats, step) -> tuple:
@@ -205,23 +227,22 @@ class SparseRows:
         stats.pages_loaded += int(per_row.sum())
         stats.load_ms += 1e3 * (time.perf_counter() - t0)
 
-    def _mask(self, rows: np.ndarray) -> np.ndarray:
-        """[n, H, L] bool: sink rows | valid slot rows | ring rows inside each row's window."""
-        n, heads = len(rows), len(self.heads)
-        mask = np.empty((n, heads, self.kv.length), bool)
-        mask[..., : self.kv.slot_start] = self.windows.sink_valid(rows)[:, None, :]
-        mask[..., self.kv.slot_start : self.kv.ring_start] = self.ret_valid[rows]
-        mask[..., self.kv.ring_start :] = self.windows.ring_valid(rows)[:, None, :]
-        return mask
+    def _mask_t(self, step, slot_mask: torch.Tensor) -> torch.Tensor:
+        """[n, H, L] bool (device): sink rows | valid slot rows (``slot_mask`` [n, H, slot_rows]) |
+        ring rows inside each row's window (the step's, shared by every sparse layer)."""
+        n, heads = slot_mask.shape[:2]
+        sink = step.t["sink_valid"].bool()[:, None, :].expand(n, heads, -1)
+        ring = step.t["ring_valid"].bool()[:, None, :].expand(n, heads, -1)
+        return torch.cat([sink, slot_mask, ring], -1)
 
-    def _offload_leaving(self, rows: np.ndarray, seqs: list[str]) -> None:
-        """Hand the tokens that left each row's window to the stores, in the background."""
+    def _offload_leaving(self, step, seqs: list[str]) -> None:
+        """Hand the tokens that left each row's window (the step's ``leaving``: decode index, ring
+        rows) to the stores, in the background."""
         items = []
-        for row, seq, (lo, hi) in zip(rows.tolist(), seqs, self.windows.leaving(rows)):
-            if hi > lo:
-                ring = self.kv.ring_start + self.windows.ring_index(np.arange(lo, hi))
-                kv = _host(self.kv.read(self.kv.flat_rows(row, self.heads[:, None], ring[None, :])))  # [2, H, m, d]
-                items.append((seq, kv[0], kv[1]))
+        for i, ring in step.leaving:
+            flat = self.kv.flat_rows(int(step.decode_rows[i]), self.heads[:, None], self.kv.ring_start + ring[None, :])
+            kv = self.kv.read(flat)  # [2, H, m, d]
+            items.append((seqs[i], *_offload(kv)))
         if items:
             self.stores.insert(items)
 
@@ -235,5 +256,12 @@ class SparseRows:
 
 
 def _host(x: torch.Tensor) -> np.ndarray:
-    """A float32 host copy (the stores' format) of a device tensor."""
+    """A float32 host copy (the stores' format) of a device tensor (prefill: not a decode step)."""
     return x.float().cpu().numpy().copy()
+
+
+def _offload(kv: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """K, V [H, m, d] float32 host copies of leaving window tokens [2, H, m, d]. On CUDA this is
+    still a blocking copy (counted as a host transfer); on a CPU it is a plain copy."""
+    host = to_host(kv) if kv.device.type != "cpu" else kv.float().numpy().copy()
+    return host[0], host[1]

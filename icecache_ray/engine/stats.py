@@ -11,7 +11,8 @@ class StepStats:
 
     select_ms: page selection (index queries); load_ms: gathering missing pages from the host pool
     into device slots; attend_ms: attention over sink + slots + window; pages_selected /
-    pages_loaded / bytes_loaded: slot traffic; pages_hit: selected pages already resident.
+    pages_loaded / bytes_loaded: slot traffic; pages_hit: selected pages already resident;
+    host_syncs: device→host transfers (each blocks the host on a GPU; the step's own ids included).
     """
 
     select_ms: float = 0.0
@@ -21,6 +22,7 @@ class StepStats:
     pages_loaded: int = 0
     pages_hit: int = 0
     bytes_loaded: int = 0
+    host_syncs: int = 0
 
     @property
     def hit_rate(self) -> float:

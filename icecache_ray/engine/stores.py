@@ -130,12 +130,16 @@ class ServiceClient:
             self.pool.close()
         self._attach()
         self.generation += 1
-        for layer in list(self.layers):
-            layer.pending = []  # the replay below covers them
-            layer.reload_all = True
+        views = {view.layer: view for view in list(self.layers)}
+        for view in views.values():
+            view.pending = []  # the replay below covers them
+            view.reload_all = True
+            view.changes = []  # the replay's answers describe every live page again
         for entries in self.log.values():
             for method, layer, items in entries:
-                self.handle.submit(method, layer, self.inbox_name, items).result()
+                changes = self.handle.submit(method, layer, self.inbox_name, items).result()
+                if layer in views:
+                    views[layer].changes.extend(changes or [])
 
     def remember(self, seq: str, method: str, layer: int, items: list, pages: np.ndarray) -> None:
         self.log.setdefault(seq, []).append((method, layer, items))
@@ -171,6 +175,7 @@ class LayerStores:
         self.client, self.layer = client, layer
         self.pending: list[tuple] = []  # (future, inbox pages to free when done, generation)
         self.reload_all = False  # set by a replay: the next selection invalidates every slot
+        self.changes: list = []  # PageChange answers of finished builds / inserts, not yet taken
         client.layers.add(self)
 
     @property
@@ -201,7 +206,7 @@ class LayerStores:
             future = client.handle.submit(method, self.layer, client.inbox_name, items)
         except client.handle.failures as exc:  # a transport that fails at once (not at result())
             client.recover(seen, exc)  # the replay includes this request (logged above)
-            future = _Done(None)
+            future = _Done([])
         self.pending.append((future, np.concatenate(free) if free else np.zeros(0, np.int64), seen))
 
     def wait(self) -> None:
@@ -209,12 +214,22 @@ class LayerStores:
         pending, self.pending = self.pending, []
         for future, pages, seen in pending:
             try:
-                future.result()
+                changes = future.result() or []
+                if seen == self.client.generation:  # else a replay since has described every page anew
+                    self.changes.extend(changes)
             except self.client.handle.failures as exc:
                 self.client.recover(seen, exc)  # the replay includes this request
             finally:
                 if len(pages):
                     self.client.inbox.free(pages)
+
+    def take_changes(self) -> tuple[list, bool]:
+        """Wait for the outstanding work; returns its page changes (oldest first) and whether
+        every earlier change is void (the service was replayed: rebuild the summary from these)."""
+        self.wait()
+        changes, self.changes = self.changes, []
+        reset, self.reload_all = self.reload_all, False
+        return changes, reset
 
     # ------------------------------------------------------------------ queries
     def select_pages(self, seqs: list[str], host_q: np.ndarray, k: int, with_tokens: bool):

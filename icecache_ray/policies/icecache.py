@@ -42,6 +42,14 @@ class IndexStore:
             tokens = np.concatenate([tokens, self.index.table.page_tokens[token_pages, token_rows].astype(np.int64)])
         return tokens
 
+    @property
+    def n_pages(self) -> int:
+        return self.index.n_pages
+
+    def page_counts(self, pages: np.ndarray) -> np.ndarray:
+        """Valid rows [n] of index pages [n]."""
+        return self.index.table.page_count[pages]
+
     def pool_pages(self, pages: np.ndarray) -> np.ndarray:
         """Pool page ids [n] of index pages [n]."""
         return self.index.table.page_pool[pages]

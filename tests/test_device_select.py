@@ -1,0 +1,130 @@
+"""The device selector: its kernels against slow references, the same pages as the host search
+when both score every page exactly, slot planning that copies only misses, and a decode step with
+one device→host transfer."""
+
+import numpy as np
+import pytest
+import torch
+
+from icecache_ray.config import BeamRule, IceCacheConfig, IndexConfig
+from icecache_ray.engine.device_select import pick, pick_reference, shortlist
+from icecache_ray.engine.device_slots import DeviceSlots
+from icecache_ray.engine.local import LocalEngine
+from icecache_ray.engine.page_summary import PageSummary
+from icecache_ray.engine.pool_view import pool_tensor
+from icecache_ray.engine.sequence import Sequence
+from icecache_ray.policies import make_policy
+from icecache_ray.pool import PagePool, PoolLayout
+from icecache_ray.serving_config import EngineConfig
+
+
+def _keys(n, s, p, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n, 2, s, p, d, generator=g)
+    count = torch.randint(0, p + 1, (n, 2, s), generator=g)
+    return torch.randn(n, 2, 3, d, generator=g), keys, count
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n_pages,n_tokens", [(3, 0), (2, 5), (1, 12)])
+def test_pick_equals_its_slow_reference(seed, n_pages, n_tokens):
+    q, keys, count = _keys(2, 6, 4, 8, seed)
+    got = pick(q, keys, count, n_pages, n_tokens, 0.35)
+    pages, tokens = pick_reference(q, keys, count, n_pages, n_tokens, 0.35)
+    for item, (want_pages, want_tokens) in enumerate(zip(pages, tokens)):
+        i, h = divmod(item, 2)
+        assert set(got.pages[i, h][got.page_ok[i, h]].tolist()) == want_pages
+        assert set(got.tokens[i, h][got.token_ok[i, h]].tolist()) == want_tokens
+
+
+def test_shortlist_skips_empty_pages_and_prefers_the_aligned_centroid():
+    q = torch.zeros(1, 1, 2, 4)
+    q[..., 0] = 5.0
+    mean = torch.zeros(1, 1, 5, 4)
+    mean[0, 0, 3, 0] = 1.0  # aligned with both query heads
+    mean[0, 0, 1, 0] = 2.0  # better aligned, but an empty page
+    count = torch.tensor([[[4, 0, 4, 4, 0]]])
+    best = shortlist(q, mean, count, 3, 1.0)
+    assert set(best[0, 0].tolist()) == {0, 2, 3}
+    assert shortlist(q, mean, count, 1, 1.0)[0, 0].tolist() == [3]
+
+
+def test_slot_plan_keeps_hits_and_copies_only_misses():
+    slots = DeviceSlots(n_rows=3, heads=2, n_slots=3, device="cpu")
+    rows = torch.tensor([0, 2])
+    want = torch.tensor([[[10, 11, -1], [20, 21, 22]], [[30, -1, -1], [40, 41, 42]]])
+    counts = torch.full_like(want, 4).masked_fill(want < 0, 0)
+    missing, slot = slots.plan(rows, want, counts)
+    assert missing.tolist() == (want >= 0).tolist()  # nothing resident yet
+    again = torch.tensor([[[11, 12, -1], [22, 20, 23]], [[30, -1, -1], [42, 40, 41]]])
+    missing2, slot2 = slots.plan(rows, again, torch.full_like(again, 4).masked_fill(again < 0, 0))
+    assert missing2.tolist() == [[[False, True, False], [False, False, True]], [[False, False, False], [False, False, False]]]
+    held = slots.page[rows]
+    for i in range(2):
+        for h in range(2):
+            wanted = {p for p in again[i, h].tolist() if p >= 0}
+            assert {p for p in held[i, h].tolist() if p >= 0} == wanted  # exactly the wanted pages
+            for j, p in enumerate(again[i, h].tolist()):
+                if p >= 0:
+                    assert held[i, h, slot2[i, h, j]] == p
+            kept = [p for p in again[i, h].tolist() if p >= 0 and not missing2[i, h, again[i, h].tolist().index(p)]]
+            for p in kept:  # a hit stays in the slot it had
+                assert int(slot[i, h][(want[i, h] == p).nonzero()[0, 0]]) == int(slot2[i, h][(again[i, h] == p).nonzero()[0, 0]])
+    assert slots.page[1].eq(-1).all()  # rows not in the step are untouched
+    slots.drop(torch.tensor([20]))
+    assert 20 not in slots.page.tolist() and slots.count[slots.page < 0].eq(0).all()
+
+
+def test_device_selector_picks_the_host_searchs_pages_when_both_score_every_page():
+    """A beam over every cluster and a shortlist over every page: both score all pages exactly."""
+    d, p = 16, 8
+    rng = np.random.default_rng(3)
+    index = IndexConfig(beam=BeamRule(width=10_000.0))
+    with PagePool.create(PoolLayout(512, p, d)) as pool:
+        policy = make_policy("icecache", d, p, pool=pool, index=index, token_pages=0)
+        store = policy.build(rng.standard_normal((600, d)).astype(np.float32), rng.standard_normal((600, d)).astype(np.float32))
+        store.insert(rng.standard_normal((40, d)).astype(np.float32), rng.standard_normal((40, d)).astype(np.float32))
+        n = store.n_pages
+        summary = PageSummary(1, 1, d, 4, "cpu")  # grows to hold every page
+        pages = np.arange(n)
+        summary.apply(np.zeros(n, np.int64), np.zeros(n, np.int64), pages, store.pool_pages(pages).astype(np.int64),
+                      store.page_counts(pages).astype(np.int64), pool_tensor(pool, "cpu"))
+        pool_k = pool_tensor(pool, "cpu")[:, 0]
+        for trial in range(5):
+            qs = rng.standard_normal((3, d)).astype(np.float32) * 2
+            for k, t in ((6, 0), (4, 24)):
+                _, host_pool, _, t_pages, t_rows = store.select_pages(qs, k, t)
+                q = torch.from_numpy(qs)[None, None]
+                best = shortlist(q, summary.mean, summary.count, n, d ** -0.5)
+                sp = summary.pool.gather(-1, best)
+                keys = pool_k.index_select(0, sp.reshape(-1)).view(1, 1, n, p, d)
+                picks = pick(q, keys, summary.count.gather(-1, best), k, t, d ** -0.5)
+                assert set(sp[0, 0, picks.pages[0, 0]].tolist()) == set(host_pool.tolist())
+                chosen = picks.tokens[0, 0][picks.token_ok[0, 0]]
+                got = {(int(sp[0, 0, c // p]), int(c % p)) for c in chosen}
+                assert got == set(zip(store.pool_pages(t_pages).tolist(), t_rows.tolist()))
+
+
+def _tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=2048)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("policy", ["full", "icecache"])
+def test_a_decode_step_makes_one_device_to_host_transfer(policy):
+    model = _tiny_model()
+    prompts = [torch.randint(1, 96, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (400, 520, 610)]
+    with LocalEngine(model, IceCacheConfig(policy=policy, budget=64), EngineConfig(max_running=3)) as eng:
+        seqs = [eng.add(Sequence(p, 24)) for p in prompts]
+        decode_only = []
+        while eng.has_work:
+            pending = eng.launch()
+            eng.complete(pending)
+            if not pending.plan.prefill_segments and pending.plan.n_decode:
+                decode_only.append(eng.last_stats.host_syncs)
+    assert all(s.output for s in seqs)
+    assert len(decode_only) > 10 and set(decode_only) == {1}
