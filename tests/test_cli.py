@@ -85,4 +85,9 @@ def test_exit_status_and_errors_pass_through(tmp_path):
     res = _run(str(SCRIPT), "summarize", "--output", str(tmp_path / "out"))
     assert res.returncode == 2 and "--input" in res.stderr and "Traceback" not in res.stderr
     res = _run(str(SCRIPT), "compare", "--reference", str(tmp_path / "a"), "--candidate", str(tmp_path / "b"))
+    assert res.returncode == 1 and "--reference" in res.stderr and "no such folder" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "a").exists()  # and it created nothing
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    res = _run(str(SCRIPT), "compare", "--reference", str(tmp_path / "a"), "--candidate", str(tmp_path / "b"))
     assert res.returncode == 1 and "no document is in both" in res.stderr and "Traceback" not in res.stderr

@@ -145,6 +145,23 @@ def test_same_settings_resume_and_a_folder_without_settings_is_refused(tiny_mode
     assert main(_job(tiny_model_dir, src, out)) == 0
     assert main(_job(tiny_model_dir, src, out)) == 0  # same settings: resumes (nothing left)
     assert json.loads((out / "run.json").read_text())["skipped_done"] == 3
-    (out / "run.json").unlink()  # e.g. a folder from an older version of the job
+    (out / "run.json").unlink()  # results, but nothing says how they were made
     assert main(_job(tiny_model_dir, src, out)) == 2
     assert "settings were not recorded" in caplog.records[-1].getMessage()
+
+
+def test_run_json_of_an_older_version_is_checked_by_its_options(tiny_model_dir, tmp_path, caplog):
+    """Folders the job wrote before run.json had settings: their options still tell policy,
+    budget, max-new-tokens and instruction, so ``make demo`` keeps resuming its old folder."""
+    def as_an_older_version_wrote_it():
+        info = json.loads((out / "run.json").read_text())
+        (out / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "settings"}))
+
+    src, out = _source(tmp_path), tmp_path / "out"
+    assert main(_job(tiny_model_dir, src, out)) == 0
+    as_an_older_version_wrote_it()
+    assert main(_job(tiny_model_dir, src, out)) == 0  # resumed
+    assert any("older version" in r.getMessage() for r in caplog.records)
+    as_an_older_version_wrote_it()
+    assert main(_job(tiny_model_dir, src, out, "local", "--budget", "128")) == 2
+    assert "budget: 64 -> 128" in caplog.records[-1].getMessage()

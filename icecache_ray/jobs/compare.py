@@ -13,6 +13,7 @@ import argparse
 import re
 import statistics
 import sys
+from pathlib import Path
 
 from icecache_ray.jobs.outputs import OutputDir
 from icecache_ray.report import emit_json, json_path
@@ -48,6 +49,11 @@ def rouge_l(candidate: str, reference: str) -> float:
 
 
 def compare(reference_dir: str, candidate_dir: str) -> dict:
+    """ROUGE-L and times of the candidate folder's summaries against the reference's (see module
+    docstring); SystemExit naming a folder that does not exist or a pair with no id in common."""
+    for option, folder in (("--reference", reference_dir), ("--candidate", candidate_dir)):
+        if not Path(folder).expanduser().is_dir():
+            raise SystemExit(f"{option} {folder!r}: no such folder (a job's --output)")
     ref = {r["id"]: r for r in OutputDir(reference_dir).read_all().to_pylist()}
     cand = {r["id"]: r for r in OutputDir(candidate_dir).read_all().to_pylist()}
     common = sorted(set(ref) & set(cand))

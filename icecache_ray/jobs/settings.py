@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SETTINGS_KEY = "settings"  # where run.json holds them
+LEGACY_FIELDS = ("policy", "budget", "max_new_tokens", "instruction")  # what an older run.json's options tell
 
 
 @dataclass(frozen=True)
@@ -56,18 +57,26 @@ class RunSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def differences(self, recorded: dict) -> list[str]:
+    def differences(self, recorded: dict, fields: tuple[str, ...] | None = None) -> list[str]:
         """One line per setting that differs from ``recorded`` (a folder's run.json settings):
-        ``name: folder's value -> this run's value``."""
+        ``name: folder's value -> this run's value``; only ``fields`` when given."""
         out = []
         for name, value in self.to_dict().items():
-            if name == "model" or recorded.get(name) == value:
+            if name == "model" or (fields is not None and name not in fields) or recorded.get(name) == value:
                 continue
             if name == "model_fingerprint":
                 out.append(f"model: {recorded.get('model')} ({recorded.get(name)}) -> {self.model} ({value})")
             else:
                 out.append(f"{name}: {_short(recorded.get(name, '(not recorded)'))} -> {_short(value)}")
         return out
+
+
+def legacy_settings(options: dict) -> dict:
+    """The :data:`LEGACY_FIELDS` of the run.json ``options`` an older version of the job wrote
+    (it recorded no model fingerprint or chat template)."""
+    policy = options.get("policy")
+    return {"policy": policy, "budget": None if policy == "full" else options.get("budget"),
+            "max_new_tokens": options.get("max_new_tokens"), "instruction": options.get("instruction")}
 
 
 def model_fingerprint(folder: Path) -> str:

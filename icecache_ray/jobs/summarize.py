@@ -41,7 +41,7 @@ from icecache_ray.jobs.outputs import OutputDir
 from icecache_ray.jobs.pipeline import JobSpec, driver_peak_rss_mib
 from icecache_ray.jobs.progress import Progress
 from icecache_ray.jobs.prompts import DEFAULT_INSTRUCTION
-from icecache_ray.jobs.settings import SETTINGS_KEY, RunSettings
+from icecache_ray.jobs.settings import LEGACY_FIELDS, SETTINGS_KEY, RunSettings, legacy_settings
 from icecache_ray.jobs.sink import ResultSink
 from icecache_ray.serving_config import EngineConfig
 
@@ -169,14 +169,19 @@ def check_settings(out: OutputDir, settings: RunSettings, overwrite: bool) -> No
     if not out.has_results():
         return
     try:
-        recorded = (out.read_run() or {}).get(SETTINGS_KEY)
+        info = out.read_run() or {}
     except ValueError as exc:
         raise JobRefused(f"--output: {exc}; rerun with --overwrite to start over", EXIT_USAGE) from None
+    recorded, fields = info.get(SETTINGS_KEY), None
+    if not isinstance(recorded, dict) and isinstance(info.get("options"), dict):  # written by an older version
+        recorded, fields = legacy_settings(info["options"]), LEGACY_FIELDS
+        log.warning("%s: its run.json (an older version's) records no model fingerprint or chat template; "
+                    "checking %s only", out.path, ", ".join(fields))
     if not isinstance(recorded, dict):
         raise JobRefused(f"--output {str(out.path)!r} holds results whose generation settings were not recorded "
-                         "(run.json missing or from an older version): cannot tell whether they match this run's; "
+                         "(no run.json): cannot tell whether they match this run's; "
                          "rerun with --overwrite to start over, or choose another --output", EXIT_USAGE)
-    differences = settings.differences(recorded)
+    differences = settings.differences(recorded, fields)
     if differences:
         raise JobRefused(f"--output {str(out.path)!r} holds summaries made with other settings; they differ in:\n  "
                          + "\n  ".join(differences) + "\nrerun with the folder's settings to resume it, with --overwrite "
