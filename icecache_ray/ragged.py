@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EMPTY = np.zeros(0, np.int64)
+from icecache_ray.kernels import EMPTY  # noqa: F401 - re-exported for the bookkeeping modules
 
 
 def pack_ragged(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -16,3 +16,7 @@ if __name__ == "kernels":  # pragma: no cover - exercised by tests/test_packagin
     _module = importlib.util.module_from_spec(_spec)
     sys.modules["kernels"] = _module
     _spec.loader.exec_module(_module)
+else:
+    import numpy as _np
+
+    EMPTY = _np.zeros(0, _np.int64)  # the one empty id array of the project (ragged selections, copies)

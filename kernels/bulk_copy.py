@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from numba import njit
 
-
-EMPTY = np.zeros(0, np.int64)
+from icecache_ray.kernels import EMPTY
 
 
 class HostPageCopier:

@@ -44,9 +44,10 @@ def test_shortlist_skips_empty_pages_and_prefers_the_aligned_centroid():
     mean[0, 0, 3, 0] = 1.0  # aligned with both query heads
     mean[0, 0, 1, 0] = 2.0  # better aligned, but an empty page
     count = torch.tensor([[[4, 0, 4, 4, 0]]])
-    best = shortlist(q, mean, count, 3, 1.0)
+    log_count = torch.where(count > 0, count.float().log(), float("-inf"))
+    best = shortlist(q, mean, log_count, 3, 1.0)
     assert set(best[0, 0].tolist()) == {0, 2, 3}
-    assert shortlist(q, mean, count, 1, 1.0)[0, 0].tolist() == [3]
+    assert shortlist(q, mean, log_count, 1, 1.0)[0, 0].tolist() == [3]
 
 
 def test_slot_plan_keeps_hits_and_copies_only_misses():
@@ -95,7 +96,7 @@ def test_device_selector_picks_the_host_searchs_pages_when_both_score_every_page
             for k, t in ((6, 0), (4, 24)):
                 _, host_pool, _, t_pages, t_rows = store.select_pages(qs, k, t)
                 q = torch.from_numpy(qs)[None, None]
-                best = shortlist(q, summary.mean, summary.count, n, d ** -0.5)
+                best = shortlist(q, summary.mean, summary.log_count, n, d ** -0.5)
                 sp = summary.pool.gather(-1, best)
                 keys = pool_k.index_select(0, sp.reshape(-1)).view(1, 1, n, p, d)
                 picks = pick(q, keys, summary.count.gather(-1, best), k, t, d ** -0.5)
@@ -128,3 +129,49 @@ def test_a_decode_step_makes_one_device_to_host_transfer(policy):
                 decode_only.append(eng.last_stats.host_syncs)
     assert all(s.output for s in seqs)
     assert len(decode_only) > 10 and set(decode_only) == {1}
+
+
+def test_page_changes_land_at_the_next_step_whatever_the_background_timing(monkeypatch):
+    """Inserts that finish late (a slow background thread) give the same tokens as prompt ones:
+    a change issued at step t is applied at step t + 1 either way."""
+    import time as _time
+
+    from icecache_ray.engine.index_service import IndexService
+
+    model = _tiny_model()
+    prompts = [torch.randint(1, 96, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (300, 410)]
+
+    def tokens():
+        with LocalEngine(model, IceCacheConfig(budget=64), EngineConfig(max_running=2)) as eng:
+            seqs = [eng.add(Sequence(p, 40)) for p in prompts]
+            eng.run()
+        return [list(s.output) for s in seqs]
+
+    prompt_ones = tokens()
+    slow_insert = IndexService.insert
+
+    def late(self, *args):
+        _time.sleep(0.02)
+        return slow_insert(self, *args)
+
+    monkeypatch.setattr(IndexService, "insert", late)
+    assert tokens() == prompt_ones
+
+
+def test_the_fused_cpu_kernel_equals_the_torch_ops_cuda_runs(monkeypatch):
+    """Same tokens, logits to float tolerance and page counters, fused kernel vs torch ops."""
+    from icecache_ray.engine.device_pages import DevicePages
+
+    model = _tiny_model()
+    prompts = [torch.randint(1, 96, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (500, 650)]
+
+    def run(fused):
+        monkeypatch.setattr(DevicePages, "fused", fused)
+        with LocalEngine(model, IceCacheConfig(budget=64), EngineConfig(max_running=2)) as eng:
+            seqs = [eng.add(Sequence(p, 30)) for p in prompts]
+            eng.run()
+        return [list(s.output) for s in seqs], [(s.stats.pages_selected, s.stats.pages_loaded) for s in seqs]
+
+    fused, reference = run(True), run(False)
+    assert fused[0] == reference[0]
+    assert fused[1] == reference[1] and all(sel > loaded > 0 for sel, loaded in fused[1])

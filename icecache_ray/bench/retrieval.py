@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from icecache_ray.bench.device_policy import DeviceSelectPolicy
 from icecache_ray.bench.harness import HeadResult, replay_head
 from icecache_ray.bench.workloads import RealWorkload, SyntheticWorkload, capture_real, make_synthetic
 from icecache_ray.config import BeamRule, IceCacheConfig, IndexConfig
@@ -28,15 +29,16 @@ from icecache_ray.report import json_path, positive_ints
 
 log = logging.getLogger("icecache_ray.bench.retrieval")
 
-REAL_POLICIES = ("icecache", "icecache_pages", "quest", "oracle_token", "oracle_seqpage", "streaming")
+REAL_POLICIES = ("icecache", "icecache_device", "icecache_pages", "quest", "oracle_token", "oracle_seqpage", "streaming")
 SYNTH_POLICIES = ("icecache", "icecache_pages", "quest", "oracle_token", "oracle_seqpage")
 
 
 def _make(name: str, head_dim: int, cfg: IceCacheConfig, pool, index: IndexConfig):
     """``icecache`` with the config's token slots; ``icecache_pages``: whole pages only (the paper)."""
-    token_pages = cfg.token_pages if name == "icecache" else 0
+    token_pages = cfg.token_pages if name in ("icecache", "icecache_device") else 0
     base = "icecache" if name.startswith("icecache") else name.replace("oracle_token", "oracle")
-    return make_policy(base, head_dim, cfg.page_size, pool=pool, index=index, token_pages=token_pages)
+    policy = make_policy(base, head_dim, cfg.page_size, pool=pool, index=index, token_pages=token_pages)
+    return DeviceSelectPolicy(policy, cfg.shortlist) if name == "icecache_device" else policy
 
 
 def _pool_for(n_tokens: int, head_dim: int, page_size: int) -> PagePool:
@@ -45,11 +47,11 @@ def _pool_for(n_tokens: int, head_dim: int, page_size: int) -> PagePool:
 
 
 # ---------------------------------------------------------------------------------------- real
-def run_real(work: RealWorkload, budgets: list[int], policies: list[str], index: IndexConfig) -> list[dict]:
+def run_real(work: RealWorkload, budgets: list[int], policies: list[str], index: IndexConfig, shortlist: float = 4.0) -> list[dict]:
     rows = []
     head_dim = next(iter(work.keys.values())).shape[-1]
     for budget in budgets:
-        cfg = IceCacheConfig(budget=budget, index=index)
+        cfg = IceCacheConfig(budget=budget, index=index, shortlist=shortlist)
         for name in policies:
             results = []
             with _pool_for(work.seq_len, head_dim, cfg.page_size) as pool:
@@ -228,6 +230,9 @@ def summarize(rows: list[dict], brute: dict, build: dict | None, sizes: list[int
     ice_big = get("synthetic", "icecache", 256, big, "query_ms_p50")
     summary = {
         "real_recall_icecache_256": get("real", "icecache", 256),
+        "real_recall_icecache_128": get("real", "icecache", 128),
+        "real_recall_icecache_device_256": get("real", "icecache_device", 256),
+        "real_recall_icecache_device_128": get("real", "icecache_device", 128),
         "real_recall_quest_256": get("real", "quest", 256),
         "real_recall_oracle_token_256": get("real", "oracle_token", 256),
         "real_recall_oracle_seqpage_256": get("real", "oracle_seqpage", 256),
@@ -261,6 +266,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--policies", default=",".join(REAL_POLICIES))
     p.add_argument("--sizes", default=None, help="synthetic N list (default 65536,262144,1048576)")
     p.add_argument("--ablation", action="store_true", help="also run index variants on the real workload at budget 256")
+    p.add_argument("--shortlist", type=float, default=4.0, help="icecache_device: shortlisted pages per retrieved slot")
     p.add_argument("--skip-real", action="store_true")
     p.add_argument("--skip-synthetic", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -310,9 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if not args.skip_real:
         work = capture_real(length, layers, 64, args.model, args.seed)
-        rows += run_real(work, budgets, policies, index)
-        build = real_build_vs_prefill(work, index, layers[0])
-        select_ab = real_select_ab(work, index)
+        rows += run_real(work, budgets, policies, index, args.shortlist)
+        if any(p in policies for p in ("icecache", "quest")):  # the build and select probes measure the host index
+            build = real_build_vs_prefill(work, index, layers[0])
+            select_ab = real_select_ab(work, index)
         if args.ablation:
             rows += run_ablation(work, 256)
         del work

@@ -23,10 +23,13 @@ from icecache_ray.engine.device_slots import DeviceSlots
 from icecache_ray.engine.page_summary import PageSummary
 from icecache_ray.engine.pool_view import pool_tensor
 from icecache_ray.engine.sizing import PAGE_FILL_SLACK
+from icecache_ray.kernels.device_select_cpu import select_and_load as select_and_load_cpu
 
 
 class DevicePages:
     """Summary + slots of one sparse layer for ``n_rows`` rows (see module docstring)."""
+
+    fused = True  # CPU: one numba call per layer (False: the torch ops CUDA runs; the parity tests set it)
 
     def __init__(self, config: IceCacheConfig, kv, max_seq_len: int, device) -> None:
         self.cfg, self.kv, self.device = config, kv, device
@@ -65,15 +68,22 @@ class DevicePages:
         self.slots.drop(changed)
 
     # ------------------------------------------------------------------ the step
-    def select_and_load(self, step, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """q [n, H, g, d] of the decode rows. Fills their slots; returns the slot region's mask
-        [n, H, slot_rows] (True = valid row) and adds the page counters to ``step``."""
+    def select_and_load(self, step, q: torch.Tensor, scale: float, mask: torch.Tensor) -> None:
+        """q [n, H, g, d] of the decode rows. Fills their slots, writes the slot region of the
+        attention ``mask`` [n, H, L] and adds the page counters to ``step``."""
+        if self._fused_cpu(mask):
+            self._select_and_load_cpu(step, q, scale, mask)
+            return
         rows = step.t["decode_rows"]
         used = max(1, int(self.summary.used[step.decode_rows].max()))  # host bookkeeping: no device read
-        s = self.summary
-        mean, pool, count = s.mean[rows, :, :used], s.pool[rows, :, :used], s.count[rows, :, :used]
+        s, span = self.summary, step.dense
         t0 = time.perf_counter()
-        best = shortlist(q, mean, count, self.short, scale)  # [n, H, S]
+        if span.n_rows == len(step.decode_rows):  # consecutive rows: views, no gather
+            mean, log_count = s.mean[span.lo : span.lo + span.n_rows], s.log_count[span.lo : span.lo + span.n_rows]
+            pool, count = s.pool[span.lo : span.lo + span.n_rows], s.count[span.lo : span.lo + span.n_rows]
+        else:
+            mean, log_count, pool, count = s.mean[rows, :, :used], s.log_count[rows, :, :used], s.pool[rows, :, :used], s.count[rows, :, :used]
+        best = shortlist(q, mean, log_count, self.short, scale)  # [n, H, S]
         short_pool, short_count = pool.gather(-1, best), count.gather(-1, best)
         n, heads, size = best.shape
         keys = self.pool_t[:, 0].index_select(0, short_pool.clamp(min=0).reshape(-1))
@@ -91,7 +101,25 @@ class DevicePages:
         token_pages = (picks.token_ok.sum(-1) + self.cfg.page_size - 1) // self.cfg.page_size  # [n, H]
         page_bytes = 2 * self.cfg.page_size * self.kv.kv.shape[-1] * self.kv.kv.element_size()
         step.add_device_counts(picks.page_ok.sum((1, 2)) + token_pages.sum(1), missing.sum((1, 2)) + token_pages.sum(1), page_bytes)
-        return self._slot_mask(rows, picks.token_ok)
+        mask[..., self.kv.slot_start : self.kv.ring_start] = self._slot_mask(rows, picks.token_ok)
+
+    def _fused_cpu(self, mask: torch.Tensor) -> bool:
+        """The one-call numba kernel serves float32 buffers on a CPU (see kernels.device_select_cpu)."""
+        return (self.fused and mask.device.type == "cpu" and self.kv.kv.dtype == torch.float32
+                and self.pool_t is not None and self.pool_t.dtype == torch.float32)
+
+    def _select_and_load_cpu(self, step, q: torch.Tensor, scale: float, mask: torch.Tensor) -> None:
+        s, n = self.summary, len(step.decode_rows)
+        used = max(1, int(s.used[step.decode_rows].max()))
+        selected, loaded = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        t0 = time.perf_counter()
+        select_and_load_cpu(q.contiguous().numpy(), s.mean.numpy(), s.log_count.numpy(), s.count.numpy(), s.pool.numpy(), used,
+                            self.pool_t.numpy(), self.short, self.cfg.page_slots, self.n_tokens, scale, self.slots.page.numpy(),
+                            self.slots.count.numpy(), step.decode_rows, self.kv.kv.numpy(), self.kv.slot_start, mask.numpy(),
+                            selected, loaded)
+        step.stats.select_ms += 1e3 * (time.perf_counter() - t0)
+        page_bytes = 2 * self.cfg.page_size * self.kv.kv.shape[-1] * self.kv.kv.element_size()
+        step.add_device_counts(torch.from_numpy(selected), torch.from_numpy(loaded), page_bytes)
 
     def _copy_pages(self, rows: torch.Tensor, missing: torch.Tensor, want: torch.Tensor, slot: torch.Tensor) -> None:
         """The missing pages, pool view → their slots (K and V in one indexed copy)."""

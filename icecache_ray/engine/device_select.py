@@ -4,7 +4,7 @@ Two stages, both batched over rows x KV heads, GQA-aware (the query heads of a K
 together, summing their softmax mass: ``IndexConfig.gqa="sum"``, ``page_score="mass"``):
 
 1. :func:`shortlist`: every page's mean key is scored (``q . mean`` per query head, plus the log of
-   its valid rows, softmax over the pages, summed over the heads) and the best ``S`` pages kept.
+   its valid rows; the best over the group's heads) and the best ``S`` pages kept.
 2. :func:`pick`: the shortlist's keys are scored exactly; each query head's softmax runs over all
    shortlisted tokens; a page's value is its tokens' mass summed over the heads. The best
    ``n_pages`` pages are taken whole; the ``n_tokens`` tokens of largest mass outside them fill the
@@ -24,14 +24,12 @@ import torch
 NEG = float("-inf")
 
 
-def shortlist(q: torch.Tensor, mean: torch.Tensor, count: torch.Tensor, size: int, scale: float) -> torch.Tensor:
-    """q [n, H, g, d]; mean [n, H, C, d]; count [n, H, C] (0 = no page). Returns the positions
-    [n, H, min(size, C)] of the best pages by centroid mass (empty positions last)."""
-    logits = torch.einsum("nhgd,nhcd->nhgc", q, mean) * scale + count.clamp(min=1).log()[:, :, None, :]
-    logits = logits.masked_fill((count == 0)[:, :, None, :], NEG)
-    mass = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(2)  # [n, H, C]; a row without pages gives 0
-    mass = mass.masked_fill(count == 0, -1.0)
-    return mass.topk(min(size, mass.shape[-1]), dim=-1, sorted=False).indices
+def shortlist(q: torch.Tensor, mean: torch.Tensor, log_count: torch.Tensor, size: int, scale: float) -> torch.Tensor:
+    """q [n, H, g, d]; mean [n, H, C, d]; log_count [n, H, C] (-inf = no page). Returns the
+    positions [n, H, min(size, C)] of the pages of best centroid logit ``q . mean * scale +
+    log_count`` for any query head of the group (empty positions only when fewer pages exist)."""
+    logits = torch.matmul(q, mean.transpose(-1, -2)) * scale + log_count[:, :, None, :]  # [n, H, g, C]
+    return logits.amax(2).topk(min(size, mean.shape[2]), dim=-1, sorted=False).indices
 
 
 @dataclass(frozen=True)
@@ -50,9 +48,9 @@ def pick(q: torch.Tensor, keys: torch.Tensor, count: torch.Tensor, n_pages: int,
     """q [n, H, g, d]; keys [n, H, S, P, d] of the shortlisted pages; count [n, H, S] their valid
     rows. Returns :class:`Picks` (``n_pages`` whole pages, ``n_tokens`` single tokens)."""
     n, heads, s, p, d = keys.shape
-    valid = torch.arange(p, device=keys.device)[None, None, None, :] < count[..., None]  # [n, H, S, P]
-    logits = torch.einsum("nhgd,nhsrd->nhgsr", q.to(keys.dtype), keys).float() * scale
-    logits = logits.masked_fill(~valid[:, :, None], NEG).reshape(n, heads, q.shape[2], s * p)
+    valid = torch.arange(p, device=keys.device) < count[..., None]  # [n, H, S, P]
+    logits = torch.matmul(q.to(keys.dtype), keys.reshape(n, heads, s * p, d).transpose(-1, -2)).float() * scale
+    logits = logits.masked_fill(~valid.reshape(n, heads, 1, s * p), NEG)
     mass = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(2).reshape(n, heads, s, p)  # [n, H, S, P]
     page_mass = mass.sum(-1).masked_fill(count == 0, -1.0)
     k = min(n_pages, s)

@@ -20,6 +20,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from icecache_ray.engine.done import Done
 from icecache_ray.engine.plan import StepPlan
 from icecache_ray.engine.runner import ModelRunner, run_stage
 from icecache_ray.engine.scheduler import Scheduler
@@ -27,13 +28,6 @@ from icecache_ray.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-
-class _Done:
-    def __init__(self, value) -> None:
-        self.value = value
-
-    def result(self, timeout=None):
-        return self.value
 
 
 class LocalStage:
@@ -44,9 +38,9 @@ class LocalStage:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
 
-    def submit(self, plan: StepPlan, incoming, want_logits: bool = False) -> _Done:
-        incoming = incoming.result() if isinstance(incoming, _Done) else incoming
-        return _Done(run_stage(self.runner, plan, incoming, want_logits))
+    def submit(self, plan: StepPlan, incoming, want_logits: bool = False) -> Done:
+        incoming = incoming.result() if isinstance(incoming, Done) else incoming
+        return Done(run_stage(self.runner, plan, incoming, want_logits))
 
 
 @dataclass

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Selection(PagePicks):
+class SelectAnswer(PagePicks):
     """A select answer: :class:`~icecache_ray.ragged.PagePicks` plus ``tokens``, per-item
     middle-token ids (or None), and the single tokens of the token slots: item i's are rows
     ``token_rows[token_bounds[i]:token_bounds[i+1]]`` of pool pages ``token_pool[...]`` (read in
@@ -208,10 +208,10 @@ class IndexService:
 
     # ------------------------------------------------------------------ reads
     @_layer_locked
-    def select(self, layer: int, seqs: list[str], heads: list[int], queries: np.ndarray, k: int, with_tokens: bool = False) -> Selection:
+    def select(self, layer: int, seqs: list[str], heads: list[int], queries: np.ndarray, k: int, with_tokens: bool = False) -> SelectAnswer:
         """Top-k pages of each (seqs[i], heads[i]) for queries [n, g, d] (float32).
 
-        Returns a :class:`Selection`: per item its pool pages, their valid rows, the pool pages
+        Returns a :class:`SelectAnswer`: per item its pool pages, their valid rows, the pool pages
         changed since its last select, and (``with_tokens``, or a policy without pages) its
         middle-token ids."""
         t0 = time.perf_counter()
@@ -223,7 +223,7 @@ class IndexService:
         pages, counts, tokens, t_pool, t_rows = (list(c) for c in zip(*answers)) if answers else ([], [], [], [], [])
         tokens = [t for t in tokens if t is not None]
         token_pool, token_bounds = pack_ragged(t_pool)
-        out = Selection.from_items(pages, counts, dirty, tokens=tokens or None, token_pool=token_pool,
+        out = SelectAnswer.from_items(pages, counts, dirty, tokens=tokens or None, token_pool=token_pool,
                                    token_rows=pack_ragged(t_rows)[0], token_bounds=token_bounds)
         self.select_calls += 1
         self.select_s += time.perf_counter() - t0

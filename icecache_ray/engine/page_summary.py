@@ -19,13 +19,16 @@ from icecache_ray.engine.row_cache import upload
 
 class PageSummary:
     """``mean`` [R, H, C, d] float32, ``pool`` [R, H, C] (pool page, -1 = none), ``count`` [R, H, C]
-    (valid rows, 0 = none), with C index pages per (row, KV head), grown when a store outgrows it."""
+    (valid rows, 0 = none), ``log_count`` [R, H, C] (log of the valid rows, -inf = none: a page's
+    centroid logit is ``q . mean + log_count``, its share of mass if its keys were all alike), with
+    C index pages per (row, KV head), grown when a store outgrows it."""
 
     def __init__(self, n_rows: int, heads: int, head_dim: int, pages: int, device) -> None:
         self.device = device
         self.mean = torch.zeros((n_rows, heads, pages, head_dim), dtype=torch.float32, device=device)
         self.pool = torch.full((n_rows, heads, pages), -1, dtype=torch.long, device=device)
         self.count = torch.zeros((n_rows, heads, pages), dtype=torch.long, device=device)
+        self.log_count = torch.full((n_rows, heads, pages), float("-inf"), dtype=torch.float32, device=device)
         self.used = np.zeros(n_rows, np.int64)  # pages in use per row (max over heads): what a step scores
 
     @property
@@ -33,11 +36,12 @@ class PageSummary:
         return self.pool.shape[2]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.mean, self.pool, self.count))
+        return sum(t.numel() * t.element_size() for t in (self.mean, self.pool, self.count, self.log_count))
 
     def reset_row(self, row: int) -> None:
         self.pool[row] = -1
         self.count[row] = 0
+        self.log_count[row] = float("-inf")
         self.mean[row] = 0
         self.used[row] = 0
 
@@ -56,6 +60,7 @@ class PageSummary:
         self.mean[r, h, p] = total / c.clamp(min=1)[:, None]
         self.pool[r, h, p] = pp
         self.count[r, h, p] = c
+        self.log_count[r, h, p] = torch.where(c > 0, c.float().log(), float("-inf"))
         return pp
 
     def _grow(self, need: int) -> None:
@@ -64,3 +69,4 @@ class PageSummary:
         self.mean = torch.cat([self.mean, self.mean.new_zeros(self.mean.shape[:2] + (pad, self.mean.shape[3]))], 2)
         self.pool = torch.cat([self.pool, self.pool.new_full(self.pool.shape[:2] + (pad,), -1)], 2)
         self.count = torch.cat([self.count, self.count.new_zeros(self.count.shape[:2] + (pad,))], 2)
+        self.log_count = torch.cat([self.log_count, self.log_count.new_full(self.log_count.shape[:2] + (pad,), float("-inf"))], 2)

@@ -100,6 +100,18 @@ class StepLayout:
         self.page_bytes = 0
         self.leaving: list[tuple[int, np.ndarray]] = []  # (decode index, ring rows) leaving the window
         self.dense_zero: list[tuple[int, int, int]] = []  # (row, from, to) dense positions to zero first
+        self._sparse_mask: torch.Tensor | None = None
+
+    def sparse_mask(self, heads: int, sink: int, slot_rows: int, ring: int) -> torch.Tensor:
+        """[n, H, sink + slot_rows + ring] bool (device), the sparse layers' attention mask: sink
+        and window parts filled once per step; each layer writes its slot part before it attends
+        (layers run one after the other, so one buffer serves them all)."""
+        if self._sparse_mask is None:
+            mask = torch.zeros((self.n_decode, heads, sink + slot_rows + ring), dtype=torch.bool, device=self.t["sink_valid"].device)
+            mask[..., :sink] = self.t["sink_valid"].bool()[:, None, :]
+            mask[..., sink + slot_rows :] = self.t["ring_valid"].bool()[:, None, :]
+            self._sparse_mask = mask
+        return self._sparse_mask
 
     def add_device_counts(self, selected: torch.Tensor, loaded: torch.Tensor, page_bytes: int = 0) -> None:
         """Pages one layer selected / loaded per decode row [n], as device tensors (summed on the

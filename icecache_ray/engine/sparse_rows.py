@@ -133,9 +133,11 @@ class SparseRows:
         seqs = [self.seq_of_row[r] for r in rows.tolist()]
         if self.device_pages is not None:
             q = query.reshape(n, len(self.heads), hq // len(self.heads), d).float()
-            slot_mask = self.device_pages.select_and_load(step, q, scaling)
+            kv = self.kv
+            mask = step.sparse_mask(kv.heads, kv.sink, kv.slot_rows, kv.ring)
+            self.device_pages.select_and_load(step, q, scaling, mask)
             t0 = time.perf_counter()
-            out = self.kv.attend_t(query, self._mask_t(step, slot_mask), step.t["decode_rows"], step.dense, scaling)
+            out = self.kv.attend_t(query, mask, step.t["decode_rows"], step.dense, scaling)
             step.stats.attend_ms += 1e3 * (time.perf_counter() - t0)
             self._offload_leaving(step, seqs)
             return out
@@ -230,10 +232,10 @@ class SparseRows:
     def _mask_t(self, step, slot_mask: torch.Tensor) -> torch.Tensor:
         """[n, H, L] bool (device): sink rows | valid slot rows (``slot_mask`` [n, H, slot_rows]) |
         ring rows inside each row's window (the step's, shared by every sparse layer)."""
-        n, heads = slot_mask.shape[:2]
-        sink = step.t["sink_valid"].bool()[:, None, :].expand(n, heads, -1)
-        ring = step.t["ring_valid"].bool()[:, None, :].expand(n, heads, -1)
-        return torch.cat([sink, slot_mask, ring], -1)
+        kv = self.kv
+        mask = step.sparse_mask(kv.heads, kv.sink, kv.slot_rows, kv.ring)
+        mask[..., kv.slot_start : kv.ring_start] = slot_mask
+        return mask
 
     def _offload_leaving(self, step, seqs: list[str]) -> None:
         """Hand the tokens that left each row's window (the step's ``leaving``: decode index, ring

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from icecache_ray.engine.done import Done
 from icecache_ray.engine.index_service import InboxItem, RowsItem, write_inbox
 from icecache_ray.pool import PagePool
 
@@ -33,13 +34,6 @@ log = logging.getLogger(__name__)
 
 ASYNC_METHODS = frozenset({"build", "insert"})
 
-
-class _Done:
-    def __init__(self, value) -> None:
-        self.value = value
-
-    def result(self):
-        return self.value
 
 
 class InProcessTransport:
@@ -52,11 +46,11 @@ class InProcessTransport:
         self.service = service
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="icecache-index")
 
-    def submit(self, method: str, *args) -> Future | _Done:
+    def submit(self, method: str, *args) -> Future | Done:
         fn = getattr(self.service, method)
         if method in ASYNC_METHODS:
             return self._executor.submit(fn, *args)
-        return _Done(fn(*args))
+        return Done(fn(*args))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -206,7 +200,7 @@ class LayerStores:
             future = client.handle.submit(method, self.layer, client.inbox_name, items)
         except client.handle.failures as exc:  # a transport that fails at once (not at result())
             client.recover(seen, exc)  # the replay includes this request (logged above)
-            future = _Done([])
+            future = Done([])
         self.pending.append((future, np.concatenate(free) if free else np.zeros(0, np.int64), seen))
 
     def wait(self) -> None:
