@@ -81,7 +81,7 @@ def select_and_load(q, mean, log_count, count, pool_ids, used, pool, shortlist, 
                 for g in range(groups):
                     scores[g, s * p + t] = _dot(qs[g], keys[t]) * scale
         mass = np.zeros(m * p)
-        for g in range(groups):
+        for g in range(groups if m > 0 else 0):  # a row with nothing offloaded yet has no page
             e = np.exp(scores[g] - scores[g].max())  # empty rows: exp(-inf) = 0
             mass += e / e.sum()
         mass = mass.reshape(m, p)
