@@ -202,7 +202,7 @@ class IceCacheConfig:
     layer_reuse: int = 1
     token_pages: int | None = None
     selector: str | None = None
-    shortlist: float = 4.0
+    shortlist: float = 8.0
 
     def __post_init__(self) -> None:
         _positive_int("IceCacheConfig", "page_size", self.page_size)

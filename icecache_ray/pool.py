@@ -620,11 +620,11 @@ class PagePool:
             raise ValueError(f"{what}: out must be a writeable {dtype} array of shape {shape}, got {out.dtype} {out.shape}")
 
         def taken():
-            return np.take(src, ids, axis=0) if rows is None else src[ids, :, rows]
+            # fancy indexing, not np.take: take() makes a strided source (pages[:, 0] / [:, 1], the
+            # K or V half of every page) contiguous first, copying the whole pool (seconds a call)
+            return src[ids] if rows is None else src[ids, :, rows]
 
-        if dtype == storage and rows is None:
-            np.take(src, ids, axis=0, out=out)
-        elif dtype == storage:
+        if dtype == storage:
             out[...] = taken()
         elif self._layout.dtype == "bfloat16":
             bits = out.view(np.uint32)

@@ -14,7 +14,8 @@ from icecache_ray.engine.local import LocalEngine
 from icecache_ray.engine.runner import ModelRunner
 from icecache_ray.engine.scheduler import Scheduler
 from icecache_ray.engine.sequence import Sequence
-from icecache_ray.engine.stores import ServiceClient, _Done
+from icecache_ray.engine.done import Done
+from icecache_ray.engine.stores import ServiceClient
 from icecache_ray.pool import PagePool, PoolLayout
 from icecache_ray.serving_config import EngineConfig
 from tests.test_engine import Logits, _model, _prompt
@@ -46,7 +47,7 @@ class _InboxHandle:
         self.service = service
 
     def submit(self, method, *args):
-        return _Done(getattr(self.service, method)(*args))
+        return Done(getattr(self.service, method)(*args))
 
 
 def _run(model, clients, prompts, new_tokens=30, on_step=None):

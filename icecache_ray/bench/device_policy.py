@@ -21,7 +21,7 @@ class DeviceSelectPolicy:
     every page's mean key, shortlists ``shortlist`` pages per retrieved slot and re-scores them."""
 
     base: object
-    shortlist: float = 4.0
+    shortlist: float = 8.0
     name: str = "icecache_device"
 
     @property

@@ -65,12 +65,3 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         return _merge(out_old, lse_old, out_new, lse_new)
     mask = torch.arange(past + n, device=query.device)[None, :] <= (past + torch.arange(n, device=query.device))[:, None]
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
-
-
-def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
-    """One query over a whole sequence: query [Hq, d], key / value [H, L, d]. Returns [Hq, d].
-    The query heads of a KV head are folded into the query axis, so K/V are never repeated."""
-    hq, d = query.shape
-    heads = key.shape[0]
-    q = query.reshape(1, heads, hq // heads, d)
-    return F.scaled_dot_product_attention(q, key[None], value[None], scale=scaling).reshape(hq, d)

@@ -11,8 +11,10 @@ together, summing their softmax mass: ``IndexConfig.gqa="sum"``, ``page_score="m
    token slots. With a shortlist holding every page this is exactly the host selector's rule over
    all pages (``MDCIIndex.select_fast`` when its beam covers every cluster).
 
-Measured on our pages (README "Device selection"): a 4x shortlist keeps the host search's
-recall at 256; centroid + radius bounds reward spread pages and lose recall, so they are not used.
+Why a shortlist of 8 pages per slot (``IceCacheConfig.shortlist``): on bench.retrieval's 8k
+workload it keeps the host search's recall (docs/benchmarks.md "Device selection", measured
+2026-12-06: 4x 0.902 / 0.843 at budget 256 / 128, 8x 0.907 / 0.851; host 0.907 / 0.809).
+Centroid + radius bounds reward spread pages and lose recall, so they are not used.
 """
 
 from __future__ import annotations

@@ -36,9 +36,11 @@ def ruler_figure(results: Path, out: Path) -> Path:
 
 
 def throughput_figure(results: Path, out: Path) -> Path:
-    """Steady decode tokens/s vs running rows: the CPU run (``throughput.json``) and every GPU run
-    (``gpu/*/throughput.json``), one panel each."""
-    sources = [results / "throughput.json", *data.gpu_throughput_files(results)]
+    """Steady decode tokens/s vs running rows: the CPU runs (``throughput.json``, the host-driven
+    engine of 2026-12-03, and ``throughput-device-*.json``, the device decode step) and every GPU
+    run (``gpu/*/throughput.json``), one panel each."""
+    cpu = [results / "throughput.json", *sorted(results.glob("throughput-device-*.json"))]
+    sources = [path for path in cpu if path.exists()] + data.gpu_throughput_files(results)
     fig, axes = plots.new_figure(len(sources))
     for ax, path in zip(axes, sources):
         result = data.read_json(path)
