@@ -319,7 +319,7 @@ def _steady_targets(steady: dict, args) -> dict:
     out["host_syncs_per_step"] = {f"{c} B={b}": r.get("host_syncs_per_step") for (c, b), r in steady.items()
                                   if r.get("host_syncs_per_step") is not None}
     if 1 in args.batches:
-        for b in args.batches:
+        for b in (b for b in args.batches if b != 1):
             out[f"decode_scaling_icecache_b{b}_vs_b1"] = _ratio(steady.get((ice, b)), steady.get((ice, 1)), "decode_tok_s")
     return out
 

@@ -27,6 +27,8 @@ STYLE = {  # one colour and marker per policy, the same in every figure
     "full": ("black", None),
     "streaming": ("tab:gray", "x"),
     "hf_dynamic_cache": ("tab:purple", "P"),
+    "icecache@256/host": ("tab:brown", "s"),
+    "floor@256": ("gray", "x"),
 }
 NAMES = {
     "icecache": "icecache (token slots, the default)",
@@ -38,6 +40,8 @@ NAMES = {
     "full": "full cache",
     "streaming": "streaming (sink + window)",
     "hf_dynamic_cache": "transformers DynamicCache (full)",
+    "icecache@256/host": "icecache@256, host selector",
+    "floor@256": "floor: full cache over 256-token prompts",
 }
 # Slight horizontal offsets so intervals at the same budget do not hide each other (log x axis).
 OFFSET = {"icecache": 0.95, "oracle": 1.0, "quest": 1.05}
@@ -131,6 +135,11 @@ def save(fig: Figure, path: Path, caption: str, legend_from: Axes, columns: int 
     """Write ``fig`` to ``path`` with the legend of ``legend_from`` and ``caption`` under the
     panels (PNG without a software stamp, so the same JSON gives the same file), and close it."""
     handles, labels = legend_from.get_legend_handles_labels()
+    for ax in fig.axes:  # every configuration any panel draws, once
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
     rows = -(-len(labels) // columns)
     inch = 1 / fig.get_figheight()  # one inch as a fraction of the figure's height
     fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False,
