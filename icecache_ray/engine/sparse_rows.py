@@ -259,11 +259,11 @@ class SparseRows:
 
 def _host(x: torch.Tensor) -> np.ndarray:
     """A float32 host copy (the stores' format) of a device tensor (prefill: not a decode step)."""
-    return x.float().cpu().numpy().copy()
+    return to_host(x, count=False)
 
 
 def _offload(kv: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """K, V [H, m, d] float32 host copies of leaving window tokens [2, H, m, d]. On CUDA this is
     still a blocking copy (counted as a host transfer); on a CPU it is a plain copy."""
-    host = to_host(kv) if kv.device.type != "cpu" else kv.float().numpy().copy()
+    host = to_host(kv, count=kv.device.type != "cpu")
     return host[0], host[1]

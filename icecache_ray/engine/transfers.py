@@ -16,9 +16,11 @@ import torch
 _counts = threading.local()
 
 
-def to_host(x: torch.Tensor) -> np.ndarray:
-    """A host NumPy copy of ``x`` (float tensors as float32), counted as one device→host transfer."""
-    _counts.n = getattr(_counts, "n", 0) + 1
+def to_host(x: torch.Tensor, count: bool = True) -> np.ndarray:
+    """A host NumPy copy of ``x`` (float tensors as float32), counted as one device→host transfer
+    unless ``count`` is False (copies outside a decode step, e.g. a finished prefill)."""
+    if count:
+        _counts.n = getattr(_counts, "n", 0) + 1
     if x.is_floating_point() and x.dtype != torch.float32:
         x = x.float()
     return x.detach().cpu().numpy().copy()
