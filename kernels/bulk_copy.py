@@ -40,7 +40,7 @@ class HostPageCopier:
         return staged.nbytes
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def copy_pages_to_rows(pool_pages: np.ndarray, pages: np.ndarray, rows: np.ndarray, dst: np.ndarray) -> None:
     """pool_pages: [capacity, 2, P, d]; pages: [m] pool page ids; rows: [m * 2 * P] rows of
     ``dst`` [N, d] (K rows then V rows of each page, the order of a pool gather). Bounds are
@@ -60,7 +60,7 @@ def copy_pages_to_rows(pool_pages: np.ndarray, pages: np.ndarray, rows: np.ndarr
                 dst[rows[(i * 2 + t) * psize + s]] = pool_pages[pages[i], t, s]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def copy_tokens_to_rows(pool_pages: np.ndarray, pages: np.ndarray, prow: np.ndarray, rows: np.ndarray, dst: np.ndarray) -> None:
     """pool_pages: [capacity, 2, P, d]; token i = row ``prow[i]`` of page ``pages[i]`` (both [t]);
     rows: [2 * t] rows of ``dst`` [N, d] (each token's K row, then its V row). Bounds are checked

@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def augment_centres(cluster_keys: np.ndarray, n_clusters: int, max_sq_norm: float, out: np.ndarray) -> None:
     """out[:n, :d] = keys, out[:n, d] = sqrt(max(M - |key|^2, 0)): the augmented cluster keys."""
     dim = cluster_keys.shape[1]
@@ -29,7 +29,7 @@ def augment_centres(cluster_keys: np.ndarray, n_clusters: int, max_sq_norm: floa
         out[c, dim] = np.float32(np.sqrt(max(max_sq_norm - sq, 0.0)))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _nearest_cluster(centres: np.ndarray, n_clusters: int, key: np.ndarray, extra: np.float32) -> int:
     dim = key.shape[0]
     best, best_c = -np.inf, 0
@@ -43,7 +43,7 @@ def _nearest_cluster(centres: np.ndarray, n_clusters: int, key: np.ndarray, extr
     return best_c
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _page_with_room(
     key: np.ndarray, max_sq_norm: float, first: int, page_next: np.ndarray, page_count: np.ndarray,
     page_pool: np.ndarray, pool_pages: np.ndarray, page_size: int,
@@ -78,7 +78,7 @@ def _page_with_room(
     return best_page
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def insert_run(
     keys: np.ndarray, values: np.ndarray, start: int, first_token: int, promote_every: int,
     max_sq_norm: float, centres: np.ndarray, centres_norm: float,

@@ -1,7 +1,9 @@
 """Numba kernels for the M-DCI index: page packing, beam routing and candidate scoring.
 
 Every kernel here has a slow NumPy twin in :mod:`icecache_ray.kernels.reference` and a parity
-test. Kernels take plain arrays only (no objects), so they compile once and are cached on disk.
+test. Kernels take plain arrays only (no objects), so they compile once and are cached on disk, and
+all of them release the GIL (``nogil=True``): an index's background builds and inserts run beside
+the step loop's Python instead of holding the interpreter lock it needs.
 Keys handed to kernels are float32 (numba has no float16 on CPU).
 """
 
@@ -35,7 +37,7 @@ def _bits_as_float64(typingctx, bits):
     return types.float64(types.int64), codegen
 
 
-@njit(cache=True, fastmath={"contract"})  # no reassociation: the two-part reduction must stay exact
+@njit(cache=True, nogil=True, fastmath={"contract"})  # no reassociation: the two-part reduction must stay exact
 def exp_vec(x: float) -> float:
     """exp(x) for x <= 709 within 1 ulp of libm, 0 below -708 (and for -inf / NaN).
 
@@ -52,7 +54,7 @@ def exp_vec(x: float) -> float:
     return p * _bits_as_float64((np.int64(k) + 1023) << 52)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _principal_direction(x: np.ndarray, idx: np.ndarray, start: int, end: int, init: np.ndarray, n_iter: int) -> tuple:
     """Mean and (power-iteration) principal direction of rows ``x[idx[start:end]]``.
 
@@ -88,7 +90,7 @@ def _principal_direction(x: np.ndarray, idx: np.ndarray, start: int, end: int, i
     return mean, v
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pca_pack(x: np.ndarray, page_size: int, init: np.ndarray, n_iter: int) -> tuple:
     """Cut the rows of ``x`` into ceil(n / page_size) pages by recursive principal-direction bisection.
 
@@ -133,7 +135,7 @@ def pca_pack(x: np.ndarray, page_size: int, init: np.ndarray, n_iter: int) -> tu
     return order, bounds
 
 
-@njit(cache=True, fastmath=FAST)
+@njit(cache=True, nogil=True, fastmath=FAST)
 def route_clusters(
     qs: np.ndarray,
     cluster_keys: np.ndarray,
@@ -199,7 +201,7 @@ def route_clusters(
     return current, np.empty((n_heads, 0), np.float32)
 
 
-@njit(cache=True, fastmath=FAST)
+@njit(cache=True, nogil=True, fastmath=FAST)
 def score_pages(
     qs: np.ndarray, pool_pages: np.ndarray, page_pool: np.ndarray, page_count: np.ndarray, pages: np.ndarray
 ) -> np.ndarray:
@@ -225,7 +227,7 @@ def score_pages(
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def cluster_pages(cluster_first_page: np.ndarray, page_next: np.ndarray, clusters: np.ndarray) -> np.ndarray:
     """All pages of the given clusters, following each cluster's page list. Returns [m] int64."""
     total = 0
@@ -245,7 +247,7 @@ def cluster_pages(cluster_first_page: np.ndarray, page_next: np.ndarray, cluster
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def subtree_radius(
     cluster_keys: np.ndarray,
     cluster_radius: np.ndarray,
@@ -280,7 +282,7 @@ def subtree_radius(
     return radius
 
 
-@njit(cache=True, fastmath=FAST)
+@njit(cache=True, nogil=True, fastmath=FAST)
 def page_log_values(token_scores: np.ndarray, scale: float, use_mass: bool) -> np.ndarray:
     """Per-head page values from exact token scores (see ``icecache_ray.index.select``).
 
@@ -294,7 +296,7 @@ def page_log_values(token_scores: np.ndarray, scale: float, use_mass: bool) -> n
     return _page_values(token_scores, scale, use_mass, np.zeros((0, 0)))
 
 
-@njit(cache=True, fastmath=FAST)
+@njit(cache=True, nogil=True, fastmath=FAST)
 def page_values_and_token_mass(token_scores: np.ndarray, scale: float, use_mass: bool) -> tuple:
     """:func:`page_log_values` and, from the same exponentials, each candidate token's
     probability summed over the heads ([m, P] float64, 0 in empty slots: the group mass the token
@@ -303,7 +305,7 @@ def page_values_and_token_mass(token_scores: np.ndarray, scale: float, use_mass:
     return _page_values(token_scores, scale, use_mass, mass), mass
 
 
-@njit(cache=True, fastmath=FAST)
+@njit(cache=True, nogil=True, fastmath=FAST)
 def _page_values(token_scores: np.ndarray, scale: float, use_mass: bool, token_mass: np.ndarray) -> np.ndarray:
     """The body of :func:`page_log_values`; adds each token's per-head probability into
     ``token_mass`` [m, P] unless it is empty ([0, 0])."""
@@ -363,7 +365,7 @@ def _page_values(token_scores: np.ndarray, scale: float, use_mass: bool, token_m
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def head_union(clusters: np.ndarray, scores: np.ndarray, width: int, n_clusters: int) -> np.ndarray:
     """Union of every head's top-``width`` clusters, rank by rank (rank 1 of every head first).
 
@@ -387,7 +389,7 @@ def head_union(clusters: np.ndarray, scores: np.ndarray, width: int, n_clusters:
     return out[:n]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def merge_top_pages(values: np.ndarray, k: int, use_max: bool) -> np.ndarray:
     """GQA merge of per-head page values [H, m] (log scale) for the ``sum`` / ``max`` rules:
     combined = sum_h exp(v) (total softmax mass) or max_h v; returns the best min(k, m) positions,
@@ -405,7 +407,7 @@ def merge_top_pages(values: np.ndarray, k: int, use_max: bool) -> np.ndarray:
     return np.argsort(combined, kind="mergesort")[: min(k, m)]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def top_tokens_outside(mass: np.ndarray, counts: np.ndarray, chosen: np.ndarray, n: int) -> np.ndarray:
     """The ``n`` valid candidate tokens of largest ``mass`` outside the ``chosen`` pages.
 
@@ -512,7 +514,7 @@ def select_pages(
     return candidates[chosen], candidates[picks // psize], picks % psize, True
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def plan_slots(held: np.ndarray, held_count: np.ndarray, pool_pages: np.ndarray, counts: np.ndarray) -> tuple:
     """Diff a selection against the pages resident in one (sequence, KV head)'s slots, in place.
 
@@ -554,7 +556,7 @@ def plan_slots(held: np.ndarray, held_count: np.ndarray, pool_pages: np.ndarray,
     return missing, slots
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def plan_slots_batch(
     held: np.ndarray, held_count: np.ndarray, pages: np.ndarray, page_bounds: np.ndarray, counts: np.ndarray,
     dirty: np.ndarray, dirty_bounds: np.ndarray,
