@@ -175,3 +175,47 @@ def test_the_fused_cpu_kernel_equals_the_torch_ops_cuda_runs(monkeypatch):
     fused, reference = run(True), run(False)
     assert fused[0] == reference[0]
     assert fused[1] == reference[1] and all(sel > loaded > 0 for sel, loaded in fused[1])
+
+
+@pytest.mark.parametrize("n,k", [(600, 96), (600, 1), (40, 39), (1536, 64), (5, 0)])
+def test_the_kernels_partition_top_k_equals_a_stable_sort(n, k):
+    """Largest first, ties lowest position first (what argsort(-x, mergesort) gives), -inf and
+    repeated values included: the kernel's top-k decides which pages a sequence gets."""
+    from icecache_ray.kernels.device_select_cpu import _top
+
+    rng = np.random.default_rng(n + k)
+    values = rng.integers(0, 30, n).astype(np.float32)  # many ties
+    values[rng.random(n) < 0.1] = -np.inf
+    assert np.array_equal(_top(values, k), np.argsort(-values, kind="mergesort")[:k])
+
+
+def test_the_kernels_page_changes_equal_the_summary_and_slot_ops():
+    """apply_changes (CPU) = PageSummary.apply + DeviceSlots.drop: same tables, means to float
+    tolerance, and the slots holding a changed pool page freed."""
+    from icecache_ray.kernels.device_select_cpu import apply_changes
+
+    rng = np.random.default_rng(3)
+    rows_n, heads, pages, p, d, capacity = 3, 2, 10, 4, 8, 64
+    pool = torch.from_numpy(rng.standard_normal((capacity, 2, p, d)).astype(np.float32))
+    m = 12
+    rows, hs = rng.integers(0, rows_n, m), rng.integers(0, heads, m)
+    index_pages, counts = rng.integers(0, pages, m), rng.integers(0, p + 1, m)
+    pool_pages = rng.permutation(capacity)[:m]
+    keep = np.unique(np.stack([rows, hs, index_pages]), axis=1, return_index=True)[1]  # one change per page
+    rows, hs, index_pages, counts, pool_pages = (x[keep].astype(np.int64) for x in (rows, hs, index_pages, counts, pool_pages))
+    torch_side, kernel_side = PageSummary(rows_n, heads, d, pages, "cpu"), PageSummary(rows_n, heads, d, pages, "cpu")
+    slots_t, slots_k = DeviceSlots(rows_n, heads, 3, "cpu"), DeviceSlots(rows_n, heads, 3, "cpu")
+    for slots in (slots_t, slots_k):
+        slots.page[0, 0] = torch.tensor([int(pool_pages[0]), 63, -1])
+        slots.page[1, 1] = torch.tensor([5, int(pool_pages[-1]), 7])
+        slots.count[:] = 2
+    slots_t.drop(torch_side.apply(rows, hs, index_pages, pool_pages, counts, pool))
+    kernel_side.reserve(rows, index_pages)
+    apply_changes(rows, hs, index_pages, pool_pages, counts, pool.numpy(), kernel_side.mean.numpy(), kernel_side.pool.numpy(),
+                  kernel_side.count.numpy(), kernel_side.log_count.numpy(), slots_k.page.numpy(), slots_k.count.numpy())
+    assert torch.allclose(torch_side.mean, kernel_side.mean, atol=1e-6)
+    for name in ("pool", "count", "log_count"):
+        assert torch.equal(getattr(torch_side, name), getattr(kernel_side, name)), name
+    assert np.array_equal(torch_side.used, kernel_side.used)
+    assert torch.equal(slots_t.page, slots_k.page) and torch.equal(slots_t.count, slots_k.count)
+    assert slots_k.page[0, 0].tolist() == [-1, 63, -1] and slots_k.page[1, 1].tolist() == [5, -1, 7]  # changed pages dropped

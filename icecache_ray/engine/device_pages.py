@@ -23,6 +23,7 @@ from icecache_ray.engine.device_slots import DeviceSlots
 from icecache_ray.engine.page_summary import PageSummary
 from icecache_ray.engine.pool_view import pool_tensor
 from icecache_ray.engine.sizing import PAGE_FILL_SLACK
+from icecache_ray.kernels.device_select_cpu import apply_changes as apply_changes_cpu
 from icecache_ray.kernels.device_select_cpu import select_and_load as select_and_load_cpu
 
 
@@ -64,8 +65,14 @@ class DevicePages:
         rows = np.concatenate([np.full(len(c.pages), row_of[c.seq], np.int64) for c in live])
         heads = np.concatenate([np.full(len(c.pages), c.head, np.int64) for c in live])
         cat = lambda name: np.concatenate([getattr(c, name) for c in live]).astype(np.int64)  # noqa: E731
-        changed = self.summary.apply(rows, heads, cat("pages"), cat("pool_pages"), cat("counts"), self.pool_t)
-        self.slots.drop(changed)
+        pages, pool_pages, counts = cat("pages"), cat("pool_pages"), cat("counts")
+        if not self._fused_cpu(self.slots.page):
+            self.slots.drop(self.summary.apply(rows, heads, pages, pool_pages, counts, self.pool_t))
+            return
+        s = self.summary
+        s.reserve(rows, pages)
+        apply_changes_cpu(rows, heads, pages, pool_pages, counts, self.pool_t.numpy(), s.mean.numpy(), s.pool.numpy(),
+                          s.count.numpy(), s.log_count.numpy(), self.slots.page.numpy(), self.slots.count.numpy())
 
     # ------------------------------------------------------------------ the step
     def select_and_load(self, step, q: torch.Tensor, scale: float, mask: torch.Tensor) -> None:
@@ -103,9 +110,10 @@ class DevicePages:
         step.add_device_counts(picks.page_ok.sum((1, 2)) + token_pages.sum(1), missing.sum((1, 2)) + token_pages.sum(1), page_bytes)
         mask[..., self.kv.slot_start : self.kv.ring_start] = self._slot_mask(rows, picks.token_ok)
 
-    def _fused_cpu(self, mask: torch.Tensor) -> bool:
-        """The one-call numba kernel serves float32 buffers on a CPU (see kernels.device_select_cpu)."""
-        return (self.fused and mask.device.type == "cpu" and self.kv.kv.dtype == torch.float32
+    def _fused_cpu(self, on: torch.Tensor) -> bool:
+        """The numba kernels serve float32 buffers on a CPU (see kernels.device_select_cpu); ``on``:
+        a tensor of this layer's step (where the work runs)."""
+        return (self.fused and on.device.type == "cpu" and self.kv.kv.dtype == torch.float32
                 and self.pool_t is not None and self.pool_t.dtype == torch.float32)
 
     def _select_and_load_cpu(self, step, q: torch.Tensor, scale: float, mask: torch.Tensor) -> None:

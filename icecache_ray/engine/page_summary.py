@@ -50,9 +50,7 @@ class PageSummary:
         """Record changed pages (flat [m] arrays: buffer row, KV head, index page, pool page, valid
         rows) and recompute their mean keys from ``pool_t`` [capacity, 2, P, d]. Returns the
         changed pool pages [m] (device) so slots holding their old contents can be dropped."""
-        if len(pages) and int(pages.max()) >= self.capacity:
-            self._grow(int(pages.max()) + 1)
-        np.maximum.at(self.used, rows, pages + 1)
+        self.reserve(rows, pages)
         r, h, p, pp, c = upload([rows, heads, pages, pool_pages, counts], self.device)
         keys = pool_t.index_select(0, pp)[:, 0].float()  # [m, P, d]
         valid = torch.arange(keys.shape[1], device=self.device)[None, :] < c[:, None]
@@ -62,6 +60,13 @@ class PageSummary:
         self.count[r, h, p] = c
         self.log_count[r, h, p] = torch.where(c > 0, c.float().log(), float("-inf"))
         return pp
+
+    def reserve(self, rows: np.ndarray, pages: np.ndarray) -> None:
+        """Room for index pages ``pages`` [m] of buffer rows ``rows`` [m] (grown when a store
+        outgrows the table) and the rows' pages in use."""
+        if len(pages) and int(pages.max()) >= self.capacity:
+            self._grow(int(pages.max()) + 1)
+        np.maximum.at(self.used, rows, pages + 1)
 
     def _grow(self, need: int) -> None:
         size = max(need, 2 * self.capacity)
