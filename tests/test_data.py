@@ -23,10 +23,27 @@ def local_ray():
     ("policy", "magic", "policy='magic'"),
     ("budget", 250, "budget=250"),
     ("num_cpus", -1, "num_cpus=-1"),
+    ("index_mode", "threads", "index_mode='threads'"),
+    ("stages", 0, "stages=0"),
 ])
 def test_config_is_validated(field, value, match):
     with pytest.raises(ValueError, match=match):
         IceCacheEngineProcessorConfig(**{field: value})
+
+
+def test_in_process_engine_cannot_span_stages():
+    with pytest.raises(ValueError, match="stages=2: more than one stage needs index_mode 'actors'"):
+        IceCacheEngineProcessorConfig(index_mode="in_process", stages=2)
+
+
+def test_auto_index_mode_is_actors_on_nodes_of_8_cpus_or_more():
+    from icecache_ray.data import resolve_index_mode
+
+    assert resolve_index_mode("auto", 2) == "in_process"
+    assert resolve_index_mode("auto", 7.5) == "in_process"
+    assert resolve_index_mode("auto", 8) == "actors"
+    assert resolve_index_mode("auto", 2, stages=2) == "actors"  # only stage workers can split a replica
+    assert resolve_index_mode("in_process", 64) == "in_process" and resolve_index_mode("actors", 1) == "actors"
 
 
 def test_processor_generates_like_generate_batch_and_keeps_bad_rows(local_ray, tiny_model_dir):
@@ -39,7 +56,7 @@ def test_processor_generates_like_generate_batch_and_keeps_bad_rows(local_ray, t
     rows = [{"id": f"d{i}", "prompt": t} for i, t in enumerate(texts)]
     rows += [{"id": "empty", "prompt": "   "}, {"id": "bad_ids", "prompt": "", "prompt_ids": [1, 10**6]}]
     config = IceCacheEngineProcessorConfig(model_source=str(tiny_model_dir), budget=64, max_new_tokens=6, max_running=3,
-                                           batch_size=2, max_concurrent_batches=2, num_cpus=1)
+                                           batch_size=2, max_concurrent_batches=2, num_cpus=1, index_mode="in_process")
     processor = build_processor(config, postprocess=lambda row: {"id": row["id"], "ids": list(row["generated_ids"]),
                                                                  "error": row["error"], "text": row["generated_text"]})
     out = {r["id"]: r for r in processor(ray.data.from_items(rows)).take_all()}
@@ -49,6 +66,27 @@ def test_processor_generates_like_generate_batch_and_keeps_bad_rows(local_ray, t
         assert out[f"d{i}"]["error"] is None and out[f"d{i}"]["ids"] == res.token_ids
     assert "no non-empty 'prompt_ids', 'messages' or 'prompt'" in out["empty"]["error"]
     assert "token 1 is 1000000" in out["bad_ids"]["error"]
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_processor_with_index_actors_gives_the_in_process_tokens(local_ray, never_eos_model_dir, stages):
+    """index_mode="actors": each engine actor drives a Ray-runtime replica (stage workers + index
+    actors, the Deployment's code); same greedy tokens as the in-process engine."""
+    from icecache_ray import IceCacheConfig, generate_batch
+    from icecache_ray.model import load_model
+
+    model, tok = load_model(never_eos_model_dir)
+    texts = ["a long list of numbers " + " ".join(str(n) for n in range(7 * i, 7 * i + 40 + 9 * i)) for i in range(4)]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    config = IceCacheEngineProcessorConfig(model_source=str(never_eos_model_dir), budget=64, max_new_tokens=6, max_running=3,
+                                           batch_size=2, max_concurrent_batches=2, num_cpus=1, index_mode="actors",
+                                           stages=stages)
+    processor = build_processor(config, postprocess=lambda row: {"id": row["id"], "ids": list(row["generated_ids"]),
+                                                                 "error": row["error"]})
+    out = {r["id"]: r for r in processor(ray.data.from_items([{"id": f"d{i}", "prompt_ids": p} for i, p in enumerate(ids)])).take_all()}
+    expected = generate_batch(model, ids, IceCacheConfig(budget=64), max_new_tokens=6, eos_token_id=tok.eos_token_id)
+    for i, res in enumerate(expected):
+        assert out[f"d{i}"]["error"] is None and out[f"d{i}"]["ids"] == res.token_ids
 
 
 class _Handle:
@@ -80,7 +118,8 @@ def test_a_batch_whose_replica_died_max_attempts_times_comes_back_as_errors(tiny
     from icecache_ray.data.attempts import Attempts, batch_key
     from icecache_ray.data.columns import object_column
 
-    config = IceCacheEngineProcessorConfig(model_source=str(tiny_model_dir), budget=64, max_new_tokens=3, max_running=2)
+    config = IceCacheEngineProcessorConfig(model_source=str(tiny_model_dir), budget=64, max_new_tokens=3, max_running=2,
+                                           index_mode="in_process")
     ledger = Attempts()
     stage = IceCacheEngineStage(config, attempts=_Handle(ledger))
     try:

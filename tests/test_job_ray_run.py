@@ -42,6 +42,9 @@ def test_a_successful_ray_run_ends_without_a_traceback(ray_run):
     assert proc.returncode == 0, output[-5000:]
     assert "Traceback" not in output and "KeyError" not in output, output[-5000:]
     assert len(OutputDir(out).read_all()) == DOCS
+    runtime = json.loads((out / "run.json").read_text())["runtime"]
+    actors = runtime["index_mode"] == "actors"  # --index-mode auto: actors on a node of >= 8 CPUs
+    assert (runtime["stage_workers"], runtime["index_actors"]) == ((1, 1) if actors else (0, 0)), runtime
 
 
 @pytest.mark.timeout(450)
@@ -78,3 +81,26 @@ def test_ray_run_folder_resumes_locally_and_refuses_other_settings_on_ray(ray_ru
     assert main(local) == 0  # the same settings on the other engine: a resume with nothing left
     info = json.loads((folder / "run.json").read_text())
     assert (info["skipped_done"], info["ok"], info["engine"]) == (DOCS, 0, "local")
+
+
+@pytest.mark.timeout(300)
+def test_ray_run_with_index_actors_records_them_and_summarizes_like_in_process(ray_run, never_eos_model_dir, tmp_path):
+    """--index-mode actors: each engine actor drives a replica of stage workers and index actors
+    (the Deployment's code); run.json's runtime counts them; the summaries are the in-process ones."""
+    proc, out, src, args = ray_run
+    assert proc.returncode == 0
+    actors_out = tmp_path / "actors"
+    mine = [str(actors_out) if a == str(out) else a for a in args] + ["--index-mode", "actors"]
+    res = subprocess.run([sys.executable, "-m", "icecache_ray.jobs.summarize", *mine], capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
+    runtime = json.loads((actors_out / "run.json").read_text())["runtime"]
+    assert (runtime["index_mode"], runtime["replicas"], runtime["stage_workers"], runtime["index_actors"]) == ("actors", 1, 1, 1)
+    summaries = lambda folder: dict(zip(*[OutputDir(folder).read_all().column(c).to_pylist() for c in ("id", "summary")]))
+    assert summaries(actors_out) == summaries(out)
+
+
+def test_a_bad_index_mode_is_a_usage_error(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(_args(tiny_model_dir, [tmp_path / "docs.jsonl"], tmp_path / "out", "--index-mode", "threads"))
+    assert exc.value.code == 2
+    assert "--index-mode: invalid choice: 'threads'" in capsys.readouterr().err

@@ -16,9 +16,10 @@
 Stages: ``preprocess`` (``Dataset.map``) → tokenize (``map_batches`` tasks on CPU: a row's
 ``prompt_ids``, else its ``messages`` through the chat template, else its ``prompt`` text) →
 generate (``map_batches`` with :class:`IceCacheEngineStage`, an actor class: ``concurrency``
-actors, each driving one engine replica — the same continuous-batching engine as ``generate``,
-its host stores in the actor's process — with ``max_concurrent_batches`` batches in flight per
-actor so its running batch stays full) → ``postprocess`` (``Dataset.map``). Rows that fail
+actors, each driving one engine replica — the same continuous-batching engine as ``generate``;
+``index_mode`` says where it runs: in the actor's process, or as a replica of the Ray runtime
+with stage workers and index actors on the actor's node — with ``max_concurrent_batches``
+batches in flight per actor so its running batch stays full) → ``postprocess`` (``Dataset.map``). Rows that fail
 (tokenization, a prompt that cannot fit, an engine failure) carry the reason in ``error`` instead
 of stopping the pipeline; ``postprocess`` sees them too. A dead engine actor is restarted by Ray
 Data and its batches resubmitted; a batch whose replica died ``max_attempts`` times comes back as
@@ -29,17 +30,17 @@ text, each row gets its token counts and decode statistics (``STAT_COLUMNS``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
 from icecache_ray.config import POLICIES, IceCacheConfig, _fail, _positive_int
 from icecache_ray.data.attempts import Attempts
 from icecache_ray.data.columns import tokenize_batch
-from icecache_ray.data.stage import OUTPUT_COLUMNS, IceCacheEngineStage
-from icecache_ray.serving_config import EngineConfig
+from icecache_ray.data.stage import INDEX_MODES, OUTPUT_COLUMNS, IceCacheEngineStage, largest_node_cpus, resolve_index_mode
+from icecache_ray.serving_config import DeploymentConfig, EngineConfig
 
 __all__ = ["IceCacheEngineProcessorConfig", "Processor", "build_processor", "generate_stage", "tokenize_batch",
-           "IceCacheEngineStage", "OUTPUT_COLUMNS"]
+           "IceCacheEngineStage", "OUTPUT_COLUMNS", "INDEX_MODES", "resolve_index_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,14 @@ class IceCacheEngineProcessorConfig:
     truncate: middle-truncate prompts longer than the context (else such a row is an error).
     max_attempts: how often a batch may be started on a replica (Ray Data resubmits the batches of
     a dead actor to its restart); past it the batch's rows come back with an error.
+    index_mode: where each replica's engine runs. ``"in_process"``: a ``LocalEngine`` in the
+    engine actor (model, rows and host index in one process). ``"actors"``: a replica of the Ray
+    runtime, as a ``Deployment`` runs it: ``stages`` stage workers (the model, split by layer
+    ranges when a replica spans GPUs) with an index actor each on the same node owning the host
+    stores, the engine actor keeping only the scheduler (``num_cpus`` / ``num_gpus`` then go to the
+    stage workers, split evenly). ``"auto"`` (default): ``"actors"`` on a node of at least 8 CPUs,
+    ``"in_process"`` below (resolved on the driver from the cluster's largest node).
+    stages: stage workers per replica (``index_mode="actors"`` only).
     """
 
     model_source: str | None = None
@@ -76,6 +85,8 @@ class IceCacheEngineProcessorConfig:
     truncate: bool = True
     max_attempts: int = 2
     device_kv_bytes: int | None = None
+    index_mode: str = "auto"
+    stages: int = 1
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -86,6 +97,11 @@ class IceCacheEngineProcessorConfig:
             _positive_int(name, "max_running", self.max_running)
         if self.policy not in POLICIES:
             _fail(name, "policy", self.policy, f"must be one of {list(POLICIES)}")
+        if self.index_mode not in INDEX_MODES:
+            _fail(name, "index_mode", self.index_mode, f"must be one of {list(INDEX_MODES)}")
+        _positive_int(name, "stages", self.stages)
+        if self.stages > 1 and self.index_mode == "in_process":
+            _fail(name, "stages", self.stages, "more than one stage needs index_mode 'actors' (or 'auto')")
         for f in ("num_cpus", "num_gpus"):
             value = getattr(self, f)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -99,6 +115,17 @@ class IceCacheEngineProcessorConfig:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(max_running=self.max_running, max_step_tokens=self.max_step_tokens,
                             device_kv_bytes=self.device_kv_bytes)
+
+    def deployment_config(self) -> DeploymentConfig:
+        """The replica's layout under ``index_mode="actors"``: ``stages`` stage workers sharing
+        ``num_cpus`` / ``num_gpus``, one index actor each, ``threads`` torch threads per worker."""
+        return DeploymentConfig(stages=self.stages, index_actors_per_stage=1, engine=self.engine_config(),
+                                worker_num_cpus=self.num_cpus / self.stages, worker_num_gpus=self.num_gpus / self.stages,
+                                threads=self.threads)
+
+    def resolved(self, ray) -> "IceCacheEngineProcessorConfig":
+        """This config with ``index_mode="auto"`` decided for the connected cluster."""
+        return replace(self, index_mode=resolve_index_mode(self.index_mode, largest_node_cpus(ray), self.stages))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -146,6 +173,7 @@ def generate_stage(ds, config: IceCacheEngineProcessorConfig, progress=None):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ray_utils.connect()  # the attempts actor needs Ray now; a local one on loopback if none runs
+    config = config.resolved(ray)
     # on the driver's node: a worker node removed mid-job must not take the attempt counts with it
     # (the driver's node going away ends the job anyway); restarted, it starts counting afresh
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -156,6 +184,10 @@ def generate_stage(ds, config: IceCacheEngineProcessorConfig, progress=None):
     # small blocks: Ray Data hands an actor a block per task and runs that block's batches one
     # after another, so a big block would keep the replica's batch at batch_size rows
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
+    # index_mode "actors": the stage workers hold the model and ask for the CPUs / GPUs; the
+    # engine actor only schedules
+    in_process = config.index_mode == "in_process"
     return ds.map_batches(IceCacheEngineStage,
                           fn_constructor_kwargs={"config": config, "attempts": attempts, "progress": progress},
-                          batch_size=config.batch_size, compute=compute, num_cpus=config.num_cpus, num_gpus=config.num_gpus)
+                          batch_size=config.batch_size, compute=compute, num_cpus=config.num_cpus if in_process else 0,
+                          num_gpus=config.num_gpus if in_process else 0)

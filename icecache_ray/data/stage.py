@@ -21,11 +21,50 @@ STAT_COLUMNS = ("wall_s", "queue_s", "ttft_s", "decode_steps", "select_ms_per_st
                 "attend_ms_per_step", "pages_loaded", "bytes_loaded", "hit_rate")
 OUTPUT_COLUMNS = ("generated_text", "generated_ids", "generated_tokens", "prompt_tokens", "truncated", "error", *STAT_COLUMNS)
 REPORT_S = 1.0  # how often a replica tells the progress actor its work (while it has work)
+INDEX_MODES = ("auto", "in_process", "actors")
+ACTORS_MIN_CPUS = 8  # index_mode="auto": index actors on nodes with at least this many CPUs, in-process below
+
+
+def resolve_index_mode(mode: str, node_cpus: float, stages: int = 1) -> str:
+    """``"in_process"`` or ``"actors"``: ``mode`` itself, or for ``"auto"`` index actors on a node
+    of at least :data:`ACTORS_MIN_CPUS` CPUs (on fewer, the actors' processes and same-node calls
+    cost more than the GIL they free; measured in docs/benchmarks.md) or when a replica spans
+    several ``stages``, in-process otherwise."""
+    if mode not in INDEX_MODES:
+        raise ValueError(f"index_mode={mode!r}: must be one of {list(INDEX_MODES)}")
+    if mode != "auto":
+        return mode
+    return "actors" if node_cpus >= ACTORS_MIN_CPUS or stages > 1 else "in_process"
+
+
+def largest_node_cpus(ray) -> float:
+    """The CPUs of the cluster's largest live node (what ``index_mode="auto"`` decides on)."""
+    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
+def replica_shape(config) -> dict:
+    """Per engine replica of ``config`` (an ``IceCacheEngineProcessorConfig`` with a resolved
+    ``index_mode``): its ``stage_workers`` and ``index_actors`` (the layout's rule)."""
+    if config.index_mode == "in_process":
+        return {"stage_workers": 0, "index_actors": 0}
+    from icecache_ray.runtime.replica import index_actors_per_stage
+
+    dep = config.deployment_config()
+    return {"stage_workers": dep.stages, "index_actors": dep.stages * index_actors_per_stage(config.ice_config(), dep)}
 
 
 class IceCacheEngineStage:
     """One engine replica in a Ray Data actor: a background thread steps the engine while
     ``__call__`` (async, several batches at once) queues a batch's rows and awaits them.
+
+    ``config.index_mode``: ``"in_process"`` runs a :class:`~icecache_ray.engine.local.LocalEngine`
+    in this actor (model, rows and host stores in one process); ``"actors"`` drives a replica of
+    the Ray runtime (:func:`~icecache_ray.runtime.replica.spawn_replica`, the code a ``Deployment``
+    runs): ``config.stages`` stage workers holding the model and the device rows, each with an
+    index actor owning its sparse layers' host stores, all on this actor's node (hard node
+    affinity; they are this actor's actors and die with it); this actor keeps the scheduler. ``"auto"`` is resolved
+    here from this node's CPUs (:func:`resolve_index_mode`; ``generate_stage`` resolves it on the
+    driver already).
 
     ``attempts``: an :class:`~icecache_ray.data.attempts.Attempts` actor; a batch on an attempt past
     ``config.max_attempts`` (its replica died that often) returns error rows without generating.
@@ -46,10 +85,17 @@ class IceCacheEngineStage:
         self.config, self.attempts, self.progress = config, attempts, progress
         self.meter, self._replica = TokenMeter(), _replica_key()
         self._reported_at, self._unreported = float("-inf"), False
-        self.model, self.tokenizer = load_model(config.model_source)
-        if config.num_gpus > 0 and torch.cuda.is_available():
-            self.model.to("cuda")
-        self.engine = LocalEngine(self.model, config.ice_config(), config.engine_config())
+        self.index_mode = resolve_index_mode(config.index_mode, os.cpu_count() or 1, config.stages)
+        self.replica = None
+        if self.index_mode == "actors":
+            self._start_replica()
+        else:
+            self.model, self.tokenizer = load_model(config.model_source)
+            self.model_config = self.model.config
+            if config.num_gpus > 0 and torch.cuda.is_available():
+                self.model.to("cuda")
+            self.engine = LocalEngine(self.model, config.ice_config(), config.engine_config())
+            self.rows = self.engine.rows
         self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._wake = threading.Event()
         self._closed = False
@@ -60,6 +106,22 @@ class IceCacheEngineStage:
         # when the process exits (a killed actor leaves its icr_ segment; Deployment-style sweeps
         # of /dev/shm are what catch those)
         atexit.register(self.close)
+
+    def _start_replica(self) -> None:
+        """``index_mode="actors"``: spawn and wait for this actor's replica (stage workers + index actors)."""
+        import ray
+
+        from icecache_ray.runtime.deployment import load_model_config
+        from icecache_ray.runtime.replica import spawn_replica
+
+        self.model_config, self.tokenizer = load_model_config(self.config.model_source)
+        if self.tokenizer is None:
+            raise ValueError(f"model_source={self.config.model_source!r}: the Ray Data stage needs the model's tokenizer")
+        node = ray.get_runtime_context().get_node_id()
+        self.replica = spawn_replica(ray, self.model_config, self.config.ice_config(), self.config.deployment_config(),
+                                     self.config.model_source, node_id=node)
+        self.engine, self.rows = self.replica.engine, self.replica.owner.layout.rows
+        log.info("engine replica: %s, %d row(s)", self.replica.shape(), self.rows)
 
     def _step_until_closed(self) -> None:
         while not self._closed:
@@ -135,7 +197,7 @@ class IceCacheEngineStage:
                 pending.append(earlier)
                 continue
             try:
-                ids, truncated = prepare_prompt(self.model.config, [int(t) for t in batch["prompt_ids"][i]],
+                ids, truncated = prepare_prompt(self.model_config, [int(t) for t in batch["prompt_ids"][i]],
                                                 self.config.max_new_tokens, self.config.truncate)
             except ValueError as exc:
                 pending.append(f"invalid prompt: {exc}")
@@ -155,7 +217,7 @@ class IceCacheEngineStage:
             self._wake.set()
         if len(self._waiters) > self.peak_in_flight:
             self.peak_in_flight = len(self._waiters)
-            log.info("%d rows in flight in this replica (its engine runs up to %d at once)", self.peak_in_flight, self.engine.rows)
+            log.info("%d rows in flight in this replica (its engine runs up to %d at once)", self.peak_in_flight, self.rows)
         return [await p if isinstance(p, asyncio.Future) else p for p in pending]
 
     def _columns(self, results: list) -> dict:
@@ -180,7 +242,12 @@ class IceCacheEngineStage:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=30)  # the stepping thread reads self.engine until it sees _closed
         engine, self.engine = getattr(self, "engine", None), None
-        if engine is not None:
+        replica, self.replica = getattr(self, "replica", None), None
+        if replica is not None:
+            from icecache_ray.runtime.replica import close_replica
+
+            close_replica(replica)  # its actors, shared-memory segments and channels
+        elif engine is not None:
             engine.close()
 
     def __del__(self) -> None:

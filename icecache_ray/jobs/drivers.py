@@ -130,11 +130,12 @@ def run_ray(args, spec: JobSpec, config: IceCacheConfig, engine_cfg: EngineConfi
     """The job as a Ray Data pipeline (:mod:`icecache_ray.jobs.pipeline`). Returns the runtime shape."""
     from icecache_ray import ray_utils
     from icecache_ray.data import IceCacheEngineProcessorConfig
+    from icecache_ray.data.stage import replica_shape
     from icecache_ray.jobs import pipeline
     from icecache_ray.pool import remove_orphaned_segments
 
     if not files:
-        return {"engine": "ray.data", "replicas": 0}  # nothing to read: no reason to start Ray
+        return {"engine": "ray.data", "replicas": 0, "stage_workers": 0, "index_actors": 0}  # nothing to read: no Ray
     ray = ray_utils.connect(args.address)
     resources = ray.cluster_resources()
     threads = replica_threads(args.threads)
@@ -146,15 +147,18 @@ def run_ray(args, spec: JobSpec, config: IceCacheConfig, engine_cfg: EngineConfi
             max_running=engine_cfg.max_running, max_step_tokens=engine_cfg.max_step_tokens, batch_size=args.batch_size,
             device_kv_bytes=engine_cfg.device_kv_bytes,
             concurrency=replicas, max_concurrent_batches=args.max_concurrent_batches,
-            num_cpus=pipeline.replica_cpus(resources, threads, replicas), num_gpus=gpus, threads=threads, truncate=False)
+            num_cpus=pipeline.replica_cpus(resources, threads, replicas), num_gpus=gpus, threads=threads, truncate=False,
+            index_mode=getattr(args, "index_mode", "auto")).resolved(ray)
     except ValueError as exc:
         raise SystemExit(f"replica options: {exc}") from None
+    shape = replica_shape(processor)
     frozen_done = frozenset(done)
     totals = pipeline.count_documents(ray, files, spec, frozen_done)
     sink.skipped_done = totals["done"]
     planned = plan_ray_progress(sink.progress, totals, args.limit)
-    log.info("%d document(s): %d already done, %d to summarize; %d input error(s); %d replica(s) of %d thread(s), %s GPU",
-             totals["todo"] + totals["done"], totals["done"], planned, totals["errors"], replicas, threads, gpus)
+    log.info("%d document(s): %d already done, %d to summarize; %d input error(s); %d replica(s) of %d thread(s), %s GPU, "
+             "index %s", totals["todo"] + totals["done"], totals["done"], planned, totals["errors"], replicas, threads, gpus,
+             processor.index_mode)
     inflight = pipeline.progress_actor(ray)
     ds = pipeline.build_dataset(ray, files, spec, frozen_done, processor, args.limit or None, inflight)
     with sink.progress.ticking(poll=lambda: ray.get(inflight.totals.remote(), timeout=10)):
@@ -164,4 +168,5 @@ def run_ray(args, spec: JobSpec, config: IceCacheConfig, engine_cfg: EngineConfi
     remove_orphaned_segments()  # pools of engine actors killed on this node (others sweep at their restart)
     return {"engine": "ray.data", "replicas": replicas, "threads_per_replica": threads, "gpus_per_replica": gpus,
             "cpus_per_replica": processor.num_cpus, "batch_size": processor.batch_size,
-            "max_concurrent_batches": processor.max_concurrent_batches}
+            "max_concurrent_batches": processor.max_concurrent_batches, "index_mode": processor.index_mode,
+            "stage_workers": replicas * shape["stage_workers"], "index_actors": replicas * shape["index_actors"]}

@@ -75,7 +75,7 @@ class LocalJobEngine:
         return self.meter.totals()
 
     def runtime_shape(self) -> dict:
-        return {"engine": "local", "replicas": 1, "stages": 1, "stage_workers": 0, "index_actors": 0,
+        return {"engine": "local", "replicas": 1, "stages": 1, "index_mode": "in_process", "stage_workers": 0, "index_actors": 0,
                 "max_running": self.engine.rows}
 
     def shutdown(self) -> None:

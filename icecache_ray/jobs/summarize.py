@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="--engine ray: documents per Ray Data batch")
     p.add_argument("--max-concurrent-batches", type=int, default=8,
                    help="--engine ray: batches in flight per replica (keeps its running batch full)")
+    p.add_argument("--index-mode", choices=["auto", "in_process", "actors"], default="auto",
+                   help="--engine ray: where each replica's index runs: 'actors' (a stage worker with index actors "
+                        "on the engine actor's node, as a Deployment), 'in_process' (the engine actor's own process), "
+                        "'auto' (actors on nodes of >= 8 CPUs, else in-process); run.json's runtime records the "
+                        "stage_workers and index_actors used")
     p.add_argument("--part-rows", type=int, default=64, help="summaries per Parquet part (a part is also written every 60 s)")
     p.add_argument("--limit", type=int, default=0,
                    help="at most N documents this run (local: the first N not yet done; ray: N input rows as read)")

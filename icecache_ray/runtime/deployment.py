@@ -220,16 +220,13 @@ class Deployment:
         if self._closed:
             return
         self._closed = True
-        from icecache_ray.actors.channel import remove_channels
-        from icecache_ray.pool import list_leaked_segments, remove_segment
+        from icecache_ray.runtime.replica import sweep_node
 
         ray = getattr(self, "ray", None)
         if ray is not None and ray.is_initialized():
             for rep in self.replicas:
                 rep.shutdown()
-        for name in list_leaked_segments(f"icr_{self.id}_"):  # what killed actors could not unlink themselves
-            remove_segment(name)
-        remove_channels(f"icr_{self.id}_")
+        sweep_node(f"icr_{self.id}_")  # what killed actors could not unlink themselves
         if ray is not None and self._started_ray and ray.is_initialized():
             ray.shutdown()
         log.info("deployment %s shut down", self.id)

@@ -6,11 +6,15 @@ smallest node's memory), the pages of each index actor's pool and what one seque
 :class:`Replica` spawns one placement group per stage (worker + its index actors), then wraps the
 stage workers as :class:`RayStage` handles of an
 :class:`~icecache_ray.engine.engine.Engine` whose scheduler admits against those pools.
+:func:`spawn_replica` starts one replica outside a :class:`~icecache_ray.runtime.deployment.Deployment`
+(the Ray Data engine actors with ``index_mode="actors"``): the same layout, actors and engine.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 from dataclasses import dataclass
 
 from icecache_ray.config import IceCacheConfig
@@ -18,7 +22,7 @@ from icecache_ray.engine.engine import Engine
 from icecache_ray.engine.runner import check_model, is_sparse
 from icecache_ray.engine.scheduler import Scheduler
 from icecache_ray.engine.sizing import auto_max_running, budget_rows, pages_per_sequence, policy_row_cost
-from icecache_ray.runtime.placement import spawn_index_actor, spawn_worker, stage_group, stage_ranges
+from icecache_ray.runtime.placement import on_node, spawn_index_actor, spawn_worker, stage_group, stage_ranges
 from icecache_ray.serving_config import MAX_AUTO_RUNNING, DeploymentConfig
 
 log = logging.getLogger(__name__)
@@ -75,14 +79,19 @@ class Layout:
         return self.rows
 
 
+def index_actors_per_stage(ice: IceCacheConfig, dep: DeploymentConfig) -> int:
+    """Index actors each stage of ``dep`` gets under ``ice``: they serve icecache pages only (the
+    other policies keep their token-order stores inside the stage worker)."""
+    return dep.index_actors_per_stage if ice.policy == "icecache" else 0
+
+
 def build_layout(model_config, ice: IceCacheConfig, dep: DeploymentConfig) -> Layout:
     """The deployment's layout, validated (see module docstring)."""
     n_layers, head_dim = check_model(model_config, ice)
     ranges = stage_ranges(n_layers, dep.stages, ice.n_full_layers, ice.layer_reuse)
-    n_index = dep.index_actors_per_stage
-    if ice.policy != "icecache" and n_index:
+    n_index = index_actors_per_stage(ice, dep)
+    if n_index != dep.index_actors_per_stage:
         log.info("policy %r keeps its stores inside the stage workers (index actors serve icecache pages)", ice.policy)
-        n_index = 0
     max_seq_len = dep.engine.max_seq_len or model_config.max_position_embeddings
     return Layout(model_config, ice, dep, ranges, head_dim, max_seq_len, n_index)
 
@@ -111,8 +120,8 @@ class RayStage:
 class Replica:
     """The actors of replica ``index`` and the engine driving them (see module docstring)."""
 
-    def __init__(self, ray, deployment, index: int, rows: int) -> None:
-        self.ray, self.index = ray, index
+    def __init__(self, ray, deployment, index: int, rows: int, node_id: str | None = None) -> None:
+        self.ray, self.index, self.node_id = ray, index, node_id
         layout, dep = deployment.layout, deployment.config
         self.stages: list[dict] = []
         self.pgs: list = []
@@ -130,8 +139,11 @@ class Replica:
         ray, index = self.ray, self.index
         layout, dep, ice = deployment.layout, deployment.config, deployment.ice
         for s, layers in enumerate(layout.ranges):
-            pg = stage_group(ray, dep, f"replica {index} stage {s}")
-            self.pgs.append(pg)
+            if self.node_id is None:
+                pg = stage_group(ray, dep, f"replica {index} stage {s}")
+                self.pgs.append(pg)
+            else:  # an actor's own replica: on its node, its actors fate-sharing with it (placement.on_node)
+                pg = on_node(self.node_id)
             self.stages.append({"worker": None, "index": [], "layers": [layers.start, layers.stop]})
             prefix = f"icr_{deployment.id}_r{index}s{s}"
             pools = [layout.pool_pages(s, k) for k in range(layout.index_actors_per_stage)]
@@ -148,6 +160,11 @@ class Replica:
         infos = self.ray.get([st["worker"].ready.remote() for st in self.stages], timeout=timeout_s)
         for st, info in zip(self.stages, infos):
             st["info"] = info
+
+    def shape(self) -> dict:
+        """This replica's actors: ``stage_workers`` and ``index_actors``."""
+        return {"stage_workers": sum(st["worker"] is not None for st in self.stages),
+                "index_actors": sum(len(st["index"]) for st in self.stages)}
 
     @property
     def load(self) -> int:
@@ -183,3 +200,49 @@ class Replica:
                 ray.kill(actor, no_restart=True)
         for pg in self.pgs:
             ray.util.remove_placement_group(pg)
+
+
+@dataclass
+class ReplicaOwner:
+    """What a :class:`Replica` reads of whoever spawns it (a ``Deployment`` is one; a Ray Data
+    engine actor makes this one): the layout, the deployment settings, the policy, a unique id
+    (the prefix of its shared-memory segments and channels) and the model folder."""
+
+    layout: Layout
+    config: DeploymentConfig
+    ice: IceCacheConfig
+    id: str
+    model_path: object = None
+
+
+def spawn_replica(ray, model_config, ice: IceCacheConfig, dep: DeploymentConfig, model_path=None,
+                  node_id: str | None = None) -> Replica:
+    """One ready replica outside a ``Deployment`` (a Ray Data engine actor drives its ``engine``):
+    the same layout, stage workers and index actors, all on node ``node_id`` (hard affinity, no
+    placement groups: the caller's actors die with it). Free it with :func:`close_replica`."""
+    owner = ReplicaOwner(build_layout(model_config, ice, dep), dep, ice, f"{os.getpid()}_{uuid.uuid4().hex[:6]}", model_path)
+    replica = Replica(ray, owner, 0, owner.layout.rows_for(ray), node_id)
+    replica.owner = owner
+    try:
+        replica.wait_ready(dep.call_timeout_s)
+    except BaseException:
+        close_replica(replica)
+        raise
+    return replica
+
+
+def close_replica(replica: Replica) -> None:
+    """Shut a :func:`spawn_replica` replica down and sweep what its killed actors left on this node."""
+    replica.shutdown()
+    sweep_node(f"icr_{replica.owner.id}_")
+
+
+def sweep_node(prefix: str) -> None:
+    """Remove this node's shared-memory segments and channel FIFOs named ``prefix*`` (what killed
+    actors could not unlink themselves)."""
+    from icecache_ray.actors.channel import remove_channels
+    from icecache_ray.pool import list_leaked_segments, remove_segment
+
+    for name in list_leaked_segments(prefix):
+        remove_segment(name)
+    remove_channels(prefix)
