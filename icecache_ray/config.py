@@ -183,11 +183,14 @@ class IceCacheConfig:
         among the candidate pages not chosen whole (the index scores them exactly anyway).
         ``None`` picks ``retrieved_pages // 3``; 0 = pages only (the paper); at most
         ``retrieved_pages - 1``. Same budget either way.
-    selector: icecache only: where a decode step chooses its pages. ``device``: every page's mean
-        key is scored on the device, the best ``shortlist * retrieved_pages`` pages are re-scored
-        exactly from their keys (no host round trip per layer); ``host``: the M-DCI beam search of
-        the index service (the paper's search; the reference). ``None`` picks ``device``, or
-        ``host`` with ``layer_reuse > 1`` (``device`` needs ``layer_reuse=1``).
+    selector: icecache and quest: where a decode step chooses its pages. icecache ``device``:
+        every page's mean key is scored on the device, the best ``shortlist * retrieved_pages``
+        pages are re-scored exactly from their keys (no host round trip per layer); ``host``: the
+        M-DCI beam search of the index service (the paper's search; the reference). quest
+        ``device``: the middle tokens stay on the device (as in the Quest paper) with per-page key
+        bounds scored there; ``host``: bounds and tokens in host stores. ``None`` picks ``device``,
+        or ``host`` with ``layer_reuse > 1`` (``device`` needs ``layer_reuse=1``). Streaming never
+        selects; oracle always reads the host stores.
     shortlist: with ``selector="device"``, shortlisted pages per retrieved slot (>= 1).
     """
 
@@ -216,7 +219,7 @@ class IceCacheConfig:
         if not (isinstance(self.shortlist, (int, float)) and not isinstance(self.shortlist, bool)
                 and math.isfinite(self.shortlist) and self.shortlist >= 1):
             _fail("IceCacheConfig", "shortlist", self.shortlist, "must be a finite number >= 1")
-        if self.selector == "device" and self.policy == "icecache" and self.layer_reuse > 1:
+        if self.selector == "device" and self.policy in ("icecache", "quest") and self.layer_reuse > 1:
             _fail("IceCacheConfig", "layer_reuse", self.layer_reuse,
                   "the device selector needs layer_reuse=1 (followers read the host selector's token ids); use selector='host'")
         sink, window = default_sink_window(self.budget, self.page_size)

@@ -115,7 +115,7 @@ def _tiny_model():
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.mark.parametrize("policy", ["full", "icecache"])
+@pytest.mark.parametrize("policy", ["full", "icecache", "quest", "streaming"])
 def test_a_decode_step_makes_one_device_to_host_transfer(policy):
     model = _tiny_model()
     prompts = [torch.randint(1, 96, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (400, 520, 610)]
@@ -219,3 +219,21 @@ def test_the_kernels_page_changes_equal_the_summary_and_slot_ops():
     assert np.array_equal(torch_side.used, kernel_side.used)
     assert torch.equal(slots_t.page, slots_k.page) and torch.equal(slots_t.count, slots_k.count)
     assert slots_k.page[0, 0].tolist() == [-1, 63, -1] and slots_k.page[1, 1].tolist() == [5, -1, 7]  # changed pages dropped
+
+
+def test_quest_on_the_device_picks_the_host_policys_pages():
+    """Quest with its middle and page bounds on the device = the host policy (bounds in host
+    stores, tokens written per row and head): same tokens, logits to float tolerance, same pages
+    selected per sequence; leaving tokens join the device middle at the step the host inserts them."""
+    model = _tiny_model()
+    prompts = [torch.randint(1, 96, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (480, 700)]
+
+    def run(selector):
+        cfg = IceCacheConfig(policy="quest", budget=64, selector=selector)
+        with LocalEngine(model, cfg, EngineConfig(max_running=2)) as eng:
+            seqs = [eng.add(Sequence(p, 40)) for p in prompts]
+            eng.run()
+        return [list(s.output) for s in seqs], [s.stats.pages_selected for s in seqs]
+
+    device, host = run("device"), run("host")
+    assert device == host and all(n > 0 for n in device[1])

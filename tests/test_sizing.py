@@ -72,3 +72,22 @@ def test_a_configured_max_running_must_fit_the_budget_and_the_cap_holds():
 def test_engine_config_refuses_a_bad_budget(value):
     with pytest.raises(ValueError, match=f"EngineConfig.device_kv_bytes={value!r}"):
         EngineConfig(device_kv_bytes=value)
+
+
+def test_quest_on_the_device_costs_what_its_layers_allocate():
+    """Quest with the device selector keeps every sparse layer's middle K/V and page bounds on the
+    device (as the Quest paper does): its row cost counts them, and an engine allocates exactly that."""
+    from icecache_ray.engine.local import LocalEngine
+    from icecache_ray.engine.sizing import quest_device_bytes
+    from transformers import LlamaForCausalLM
+
+    tiny = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=2048)
+    ice = IceCacheConfig(policy="quest", budget=64)
+    with LocalEngine(LlamaForCausalLM(tiny).eval(), ice, EngineConfig(max_running=3, max_seq_len=1000)) as eng:
+        allocated = sum(layer.device_quest.nbytes() for layer in eng.runner.sparse)
+    assert allocated == 3 * quest_device_bytes(1000, 16, 2, 16, 4, 2)
+    host = policy_row_cost(ice.with_(selector="host"), 30, 28, 3, 64, 2, CTX)
+    device = policy_row_cost(ice, 30, 28, 3, 64, 2, CTX)
+    assert device.host == 0 and host.host > 0
+    assert device.device - host.device == quest_device_bytes(CTX, 16, 3, 64, 2, 28) - summary_table_bytes(CTX, 16, 3, 64, 28)

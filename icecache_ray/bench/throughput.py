@@ -79,8 +79,8 @@ def _parse(argv):
                    help="SmolLM2-135M's architecture with random weights and random-token documents (for machines "
                         "without the bundled model or ../shared data, e.g. a lent GPU machine; timings are valid, tokens are not)")
     p.add_argument("--selectors", default="device,host",
-                   help="icecache selectors of the steady phase (the first also runs end to end and is labelled "
-                        "icecache@B; the others icecache@B/host ...)")
+                   help="icecache and quest selectors of the steady phase (the first also runs end to end and is "
+                        "labelled icecache@B / quest@B; the others icecache@B/host ...)")
     p.add_argument("--skip-floor", action="store_true",
                    help="leave out the floor rows (the full cache over prompts as long as the budget keeps)")
     p.add_argument("--skip-ray", action="store_true", help="leave out the Ray engine run")
@@ -246,11 +246,12 @@ def _steady_phase(model, docs, configs, rows: list, args) -> float | None:
 
 
 def _steady_variants(name: str, ice: IceCacheConfig, args):
-    """(label, config, select threads) of one policy's steady rows: icecache once per selector
-    (the first keeps the plain label), the host selector once per select-thread count."""
-    selectors = args.selector_names if ice.policy == "icecache" else [ice.selector]
+    """(label, config, select threads) of one policy's steady rows: icecache and quest once per
+    selector (the first keeps the plain label), the host selector once per select-thread count."""
+    chooses = ice.policy in ("icecache", "quest")
+    selectors = args.selector_names if chooses else [ice.selector]
     for k, selector in enumerate(selectors):
-        variant = replace(ice, selector=selector) if ice.policy == "icecache" else ice
+        variant = replace(ice, selector=selector) if chooses else ice
         base = name if k == 0 else f"{name}/{selector}"
         threads = args.thread_counts if ice.policy != "full" and variant.selector == "host" else args.thread_counts[:1]
         for t in threads:

@@ -71,14 +71,27 @@ def policy_row_cost(ice, n_layers: int, sparse_layers: int, kv_heads: int, head_
     """:class:`RowCost` of a stage of ``n_layers`` layers (``sparse_layers`` of them sparse) under
     the policy of ``ice`` (an :class:`~icecache_ray.config.IceCacheConfig`): resident rows sink +
     slots + window ring, a device summary table for the sparse layers, the pool's dtype; token
-    policies keep the middle K/V in host arrays (their host bytes are the staging's)."""
+    policies keep the middle K/V in host arrays (their host bytes are the staging's), except quest
+    with the device selector, which keeps it on the device (:func:`quest_device_bytes`)."""
     resident = ice.sink_tokens + ice.retrieved_pages * ice.page_size + (ice.window_pages + 1) * ice.page_size
     pool_itemsize = 4 if ice.pool.dtype == "float32" else 2
     cost = row_cost(n_layers - sparse_layers, sparse_layers, kv_heads, head_dim, itemsize, max_seq_len, resident,
                     ice.page_size, pool_itemsize, summary=sparse_layers > 0)
+    if ice.policy == "quest" and ice.selector == "device":
+        return RowCost(cost.device - summary_table_bytes(max_seq_len, ice.page_size, kv_heads, head_dim, sparse_layers)
+                       + quest_device_bytes(max_seq_len, ice.page_size, kv_heads, head_dim, itemsize, sparse_layers),
+                       cost.staging, 0)
     if ice.policy != "icecache":
         cost = RowCost(cost.device, cost.staging, cost.staging)
     return cost
+
+
+def quest_device_bytes(max_seq_len: int, page_size: int, kv_heads: int, head_dim: int, itemsize: int, sparse_layers: int) -> int:
+    """Quest on the device (:class:`~icecache_ray.engine.device_quest.DeviceQuest`) keeps a row's
+    middle K/V resident in every sparse layer, plus two float32 bound vectors per page."""
+    pages = math.ceil(max_seq_len / page_size)
+    per_layer = kv_heads * (2 * pages * page_size * head_dim * itemsize + 2 * pages * head_dim * 4)
+    return sparse_layers * per_layer
 
 
 def budget_rows(cost: RowCost, device_kv_bytes: int, max_seq_len: int, cap: int) -> int:

@@ -23,6 +23,7 @@ import torch
 from icecache_ray.config import IceCacheConfig
 from icecache_ray.engine.attention import prefill_attention
 from icecache_ray.engine.device_pages import DevicePages
+from icecache_ray.engine.device_quest import DeviceQuest
 from icecache_ray.engine.resident import ResidentKV
 from icecache_ray.engine.slots import SlotTable
 from icecache_ray.engine.stats import StepStats
@@ -45,8 +46,9 @@ class SparseRows:
         self.ret_valid = np.zeros((n_rows, heads, slot_rows), bool)  # valid rows of the slot region (host selector)
         paged = config.policy == "icecache" and anchor is None
         # icecache: whole pages in the first page_slots slots, single tokens (re-read every step) after them
-        on_device = paged and config.selector == "device"
-        self.device_pages = DevicePages(config, self.kv, max_seq_len, device) if on_device else None
+        on_device = config.selector == "device" and anchor is None and config.policy in ("icecache", "quest")
+        self.device_pages = DevicePages(config, self.kv, max_seq_len, device) if on_device and paged else None
+        self.device_quest = DeviceQuest(config, self.kv, max_seq_len, device) if on_device and not paged else None
         self.slots = SlotTable(n_rows, heads, config.page_slots, p) if paged and not on_device else None
         self.token_start = config.page_slots * p if paged else slot_rows  # first token-slot row of the slot region
         self.seq_of_row: list[str | None] = [None] * n_rows
@@ -61,8 +63,9 @@ class SparseRows:
         self.windows.clear_row(row)
         if self.slots is not None:
             self.slots.reset_row(row)
-        if self.device_pages is not None:
-            self.device_pages.reset_row(row)
+        for device_side in (self.device_pages, self.device_quest):
+            if device_side is not None:
+                device_side.reset_row(row)
         self.ret_valid[row] = False
         self.staging.pop(row, None)
         self.seq_of_row[row] = None
@@ -88,6 +91,8 @@ class SparseRows:
     def _settle(self) -> None:
         """The previous step's builds / inserts are done (normally long since); with the device
         selector their page changes enter the summary now: a change issued at step t lands at t + 1."""
+        if self.device_quest is not None:  # its middle lives on the device: nothing in flight
+            return
         if self.device_pages is None:
             self.stores.wait()
             return
@@ -124,18 +129,25 @@ class SparseRows:
         kept = np.concatenate([np.arange(sink), self.kv.ring_start + ring])
         src = torch.from_numpy(np.concatenate([np.arange(sink), np.arange(start, total)])).to(k.device)
         self.kv.write(self.kv.flat_rows(row, self.heads[:, None], kept[None, :]), torch.stack([k[:, src], v[:, src]]))
-        self.stores.build([(seq_id, _host(k[:, sink:start]), _host(v[:, sink:start]))])
+        if self.device_quest is not None:
+            self.device_quest.load(row, k[:, sink:start], v[:, sink:start])
+        elif self.cfg.policy != "streaming":  # streaming never reads the middle
+            self.stores.build([(seq_id, _host(k[:, sink:start]), _host(v[:, sink:start]))])
 
     def _decode(self, step, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """query: [n, Hq, d] of the decoding rows. Returns [n, Hq, d]."""
         rows, stats = step.decode_rows, StepStats()
         n, hq, d = query.shape
         seqs = [self.seq_of_row[r] for r in rows.tolist()]
-        if self.device_pages is not None:
+        device_side = self.device_pages or self.device_quest
+        if device_side is not None or self.cfg.policy == "streaming":
             q = query.reshape(n, len(self.heads), hq // len(self.heads), d).float()
             kv = self.kv
             mask = step.sparse_mask(kv.heads, kv.sink, kv.slot_rows, kv.ring)
-            self.device_pages.select_and_load(step, q, scaling, mask)
+            if device_side is None:  # streaming: sink + window only, nothing to select
+                mask[..., kv.slot_start : kv.ring_start] = False
+            else:
+                device_side.select_and_load(step, q, scaling, mask)
             t0 = time.perf_counter()
             out = self.kv.attend_t(query, mask, step.t["decode_rows"], step.dense, scaling)
             step.stats.attend_ms += 1e3 * (time.perf_counter() - t0)
@@ -244,12 +256,16 @@ class SparseRows:
         for i, ring in step.leaving:
             flat = self.kv.flat_rows(int(step.decode_rows[i]), self.heads[:, None], self.kv.ring_start + ring[None, :])
             kv = self.kv.read(flat)  # [2, H, m, d]
-            items.append((seqs[i], *_offload(kv)))
+            if self.device_quest is not None:
+                self.device_quest.append(int(step.decode_rows[i]), kv)
+            elif self.cfg.policy != "streaming":
+                items.append((seqs[i], *_offload(kv)))
         if items:
             self.stores.insert(items)
 
     def device_bytes(self) -> int:
-        return self.kv.nbytes()
+        sides = (self.device_pages, self.device_quest)
+        return self.kv.nbytes() + sum(side.nbytes() for side in sides if side is not None)
 
     @property
     def token_bytes(self) -> int:
