@@ -106,8 +106,8 @@ class DevicePages:
         self._copy_tokens(rows, token_pool, picks.tokens % self.cfg.page_size)
         step.stats.load_ms += 1e3 * (time.perf_counter() - t0)
         token_pages = (picks.token_ok.sum(-1) + self.cfg.page_size - 1) // self.cfg.page_size  # [n, H]
-        page_bytes = 2 * self.cfg.page_size * self.kv.kv.shape[-1] * self.kv.kv.element_size()
-        step.add_device_counts(picks.page_ok.sum((1, 2)) + token_pages.sum(1), missing.sum((1, 2)) + token_pages.sum(1), page_bytes)
+        step.add_device_counts(picks.page_ok.sum((1, 2)) + token_pages.sum(1), missing.sum((1, 2)) + token_pages.sum(1),
+                               self.kv.page_bytes(self.cfg.page_size))
         mask[..., self.kv.slot_start : self.kv.ring_start] = self._slot_mask(rows, picks.token_ok)
 
     def _fused_cpu(self, on: torch.Tensor) -> bool:
@@ -126,8 +126,7 @@ class DevicePages:
                             self.slots.count.numpy(), step.decode_rows, self.kv.kv.numpy(), self.kv.slot_start, mask.numpy(),
                             selected, loaded)
         step.stats.select_ms += 1e3 * (time.perf_counter() - t0)
-        page_bytes = 2 * self.cfg.page_size * self.kv.kv.shape[-1] * self.kv.kv.element_size()
-        step.add_device_counts(torch.from_numpy(selected), torch.from_numpy(loaded), page_bytes)
+        step.add_device_counts(torch.from_numpy(selected), torch.from_numpy(loaded), self.kv.page_bytes(self.cfg.page_size))
 
     def _copy_pages(self, rows: torch.Tensor, missing: torch.Tensor, want: torch.Tensor, slot: torch.Tensor) -> None:
         """The missing pages, pool view → their slots (K and V in one indexed copy)."""

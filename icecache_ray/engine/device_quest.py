@@ -99,5 +99,4 @@ class DeviceQuest:
         mask[..., kv.slot_start : end] = ok.flatten(2)
         mask[..., end : kv.ring_start] = False
         chosen = ok[..., 0].sum((1, 2))  # [n] pages taken
-        page_bytes = 2 * p * kv.kv.shape[-1] * kv.kv.element_size()
-        step.add_device_counts(chosen, chosen, page_bytes)
+        step.add_device_counts(chosen, chosen, kv.page_bytes(p))

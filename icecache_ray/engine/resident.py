@@ -46,6 +46,10 @@ class ResidentKV:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
+    def page_bytes(self, page_size: int) -> int:
+        """Bytes of one page of ``page_size`` tokens of one KV head, K and V, in this buffer's dtype."""
+        return 2 * page_size * self.kv.shape[-1] * self.kv.element_size()
+
     def flat_rows(self, b: np.ndarray, h: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Flat rows [2, ...] (K rows then V rows) of buffer positions ``pos`` of (b, h); the
         three arrays broadcast together."""

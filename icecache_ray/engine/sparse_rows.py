@@ -141,12 +141,12 @@ class SparseRows:
         seqs = [self.seq_of_row[r] for r in rows.tolist()]
         device_side = self.device_pages or self.device_quest
         if device_side is not None or self.cfg.policy == "streaming":
-            q = query.reshape(n, len(self.heads), hq // len(self.heads), d).float()
             kv = self.kv
             mask = step.sparse_mask(kv.heads, kv.sink, kv.slot_rows, kv.ring)
             if device_side is None:  # streaming: sink + window only, nothing to select
                 mask[..., kv.slot_start : kv.ring_start] = False
             else:
+                q = query.reshape(n, len(self.heads), hq // len(self.heads), d).float()
                 device_side.select_and_load(step, q, scaling, mask)
             t0 = time.perf_counter()
             out = self.kv.attend_t(query, mask, step.t["decode_rows"], step.dense, scaling)
@@ -208,7 +208,7 @@ class SparseRows:
 
     @property
     def kv_page_bytes(self) -> int:
-        return 2 * self.cfg.page_size * self.kv.kv.shape[-1] * self.kv.kv.element_size()
+        return self.kv.page_bytes(self.cfg.page_size)
 
     def _load_pages(self, plan: tuple, stats: StepStats) -> None:
         """One gather from the host pool, one copy, one scatter for the whole layer: the pages
