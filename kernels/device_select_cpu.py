@@ -225,10 +225,11 @@ def apply_changes(rows, heads, pages, pool_pages, counts, pool, mean, pool_tab, 
             mean[r, h, c, j] = acc / max(n, 1)
         pool_tab[r, h, c], count_tab[r, h, c] = pp, n
         log_count[r, h, c] = math.log(n) if n > 0 else -np.inf
+    changed = np.sort(pool_pages)  # a binary search per slot: a new row's build changes every page
     for r in range(slot_page.shape[0]):
         for h in range(slot_page.shape[1]):
             for s in range(slot_page.shape[2]):
-                for a in range(len(pool_pages)):
-                    if slot_page[r, h, s] == pool_pages[a]:
-                        slot_page[r, h, s], slot_count[r, h, s] = -1, 0
-                        break
+                held = slot_page[r, h, s]
+                at = np.searchsorted(changed, held)
+                if held >= 0 and at < len(changed) and changed[at] == held:
+                    slot_page[r, h, s], slot_count[r, h, s] = -1, 0

@@ -54,7 +54,9 @@ def exp_vec(x: float) -> float:
     return p * _bits_as_float64((np.int64(k) + 1023) << 52)
 
 
-@njit(cache=True, nogil=True)
+# fastmath: the dot products vectorize (2.6x faster packing, the build's largest part; 1 cluster in
+# 2,000 split differently at a float tie, measured 2026-12-07). The reference allows such ties.
+@njit(cache=True, nogil=True, fastmath=FAST)
 def _principal_direction(x: np.ndarray, idx: np.ndarray, start: int, end: int, init: np.ndarray, n_iter: int) -> tuple:
     """Mean and (power-iteration) principal direction of rows ``x[idx[start:end]]``.
 
@@ -90,7 +92,7 @@ def _principal_direction(x: np.ndarray, idx: np.ndarray, start: int, end: int, i
     return mean, v
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=FAST)
 def pca_pack(x: np.ndarray, page_size: int, init: np.ndarray, n_iter: int) -> tuple:
     """Cut the rows of ``x`` into ceil(n / page_size) pages by recursive principal-direction bisection.
 

@@ -47,6 +47,7 @@ def test_insert_bench_compares_both_paths_on_the_same_inputs(tmp_path, capsys):
     assert result["identical_page_tables"] is True
     assert set(result["ms_per_16_token_insert"]) == {"numba", "python"}
     assert all(ms > 0 for ms in result["ms_per_16_token_insert"].values())
+    assert result["ms_per_build"] > 0
     with pytest.raises(SystemExit):
         insert.main(["--stores", "1"])
     assert "--stores must be at least 2" in capsys.readouterr().err
