@@ -90,4 +90,21 @@ def test_quest_on_the_device_costs_what_its_layers_allocate():
     host = policy_row_cost(ice.with_(selector="host"), 30, 28, 3, 64, 2, CTX)
     device = policy_row_cost(ice, 30, 28, 3, 64, 2, CTX)
     assert device.host == 0 and host.host > 0
-    assert device.device - host.device == quest_device_bytes(CTX, 16, 3, 64, 2, 28) - summary_table_bytes(CTX, 16, 3, 64, 28)
+    assert device.device - host.device == quest_device_bytes(CTX, 16, 3, 64, 2, 28)
+
+
+@pytest.mark.parametrize("ice", [IceCacheConfig(budget=256, selector="host"), IceCacheConfig(policy="oracle", budget=256),
+                                 IceCacheConfig(policy="streaming", budget=256), IceCacheConfig(policy="quest", budget=256, selector="host")],
+                         ids=["icecache-host", "oracle", "streaming", "quest-host"])
+def test_only_the_device_selector_pays_for_a_summary_table(ice):
+    """A configuration whose layers allocate no device page summary is not charged one."""
+    from icecache_ray.engine.local import LocalEngine
+    from transformers import LlamaForCausalLM
+
+    tiny = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=2048)
+    with LocalEngine(LlamaForCausalLM(tiny).eval(), ice.with_(budget=64), EngineConfig(max_running=2, max_seq_len=1000)) as eng:
+        assert all(layer.device_pages is None for layer in eng.runner.sparse)
+    cost = policy_row_cost(ice, 30, 28, 3, 64, 2, CTX)
+    resident = ice.sink_tokens + ice.retrieved_pages * ice.page_size + (ice.window_pages + 1) * ice.page_size
+    assert cost.device == 2 * 3 * 64 * 2 * (2 * CTX + 28 * resident)

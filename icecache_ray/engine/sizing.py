@@ -70,16 +70,17 @@ def policy_row_cost(ice, n_layers: int, sparse_layers: int, kv_heads: int, head_
                     max_seq_len: int) -> RowCost:
     """:class:`RowCost` of a stage of ``n_layers`` layers (``sparse_layers`` of them sparse) under
     the policy of ``ice`` (an :class:`~icecache_ray.config.IceCacheConfig`): resident rows sink +
-    slots + window ring, a device summary table for the sparse layers, the pool's dtype; token
+    slots + window ring, a device summary table for the sparse layers (icecache with the device
+    selector: the only configuration that allocates one), the pool's dtype; token
     policies keep the middle K/V in host arrays (their host bytes are the staging's), except quest
     with the device selector, which keeps it on the device (:func:`quest_device_bytes`)."""
     resident = ice.sink_tokens + ice.retrieved_pages * ice.page_size + (ice.window_pages + 1) * ice.page_size
     pool_itemsize = 4 if ice.pool.dtype == "float32" else 2
+    summary = ice.policy == "icecache" and ice.selector == "device"  # only the device selector keeps one
     cost = row_cost(n_layers - sparse_layers, sparse_layers, kv_heads, head_dim, itemsize, max_seq_len, resident,
-                    ice.page_size, pool_itemsize, summary=sparse_layers > 0)
+                    ice.page_size, pool_itemsize, summary=summary)
     if ice.policy == "quest" and ice.selector == "device":
-        return RowCost(cost.device - summary_table_bytes(max_seq_len, ice.page_size, kv_heads, head_dim, sparse_layers)
-                       + quest_device_bytes(max_seq_len, ice.page_size, kv_heads, head_dim, itemsize, sparse_layers),
+        return RowCost(cost.device + quest_device_bytes(max_seq_len, ice.page_size, kv_heads, head_dim, itemsize, sparse_layers),
                        cost.staging, 0)
     if ice.policy != "icecache":
         cost = RowCost(cost.device, cost.staging, cost.staging)
