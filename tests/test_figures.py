@@ -71,6 +71,13 @@ def test_gpu_runs_found_and_captioned():
     assert data.read_json(files[0])["device"] in caption
 
 
+def test_two_runs_of_one_day_get_different_captions():
+    base = {"date": "2026-12-07", "device": "cpu", "model": "m"}
+    b1_8 = data.run_caption({**base, "rows": [{"max_running": 1}, {"max_running": 8}, {"max_running": 8}]})
+    b16 = data.run_caption({**base, "rows": [{"max_running": 16}]})
+    assert b1_8 == "2026-12-07, cpu, m, B 1/8" and b16 == "2026-12-07, cpu, m, B 16"
+
+
 def test_data_extraction_imports_neither_torch_nor_ray():
     code = "import sys, icecache_ray.figures.data; assert not {'torch', 'ray'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=RESULTS.parent.parent)

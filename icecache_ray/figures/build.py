@@ -45,7 +45,8 @@ def throughput_figure(results: Path, out: Path) -> Path:
     for ax, path in zip(axes, sources):
         result = data.read_json(path)
         gpu = path.parent != results
-        plots.draw_throughput(ax, data.throughput_curves(result), data.run_caption(result), log_y=gpu)
+        title = f"{data.run_caption(result)}\n{path.relative_to(results)}"  # two runs of a day differ in file
+        plots.draw_throughput(ax, data.throughput_curves(result), title, log_y=gpu)
     caption = shown(sources) + f" (steady phase: every row decoding, no prefill; budget {data.read_json(sources[0]).get('budget')})"
     return plots.save(fig, out / THROUGHPUT_PNG, caption, legend_from=axes[0])
 

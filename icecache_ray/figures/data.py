@@ -108,5 +108,10 @@ def gpu_throughput_files(results: Path) -> list[Path]:
 
 
 def run_caption(result: dict) -> str:
-    """``"<date>, <device>, <model>"`` of a benchmark JSON (the fields it has)."""
-    return ", ".join(str(result[key]) for key in ("date", "device", "model") if result.get(key))
+    """``"<date>, <device>, <model>, B <rows>"`` of a benchmark JSON (the fields it has; the batch
+    sizes tell apart two runs of one day)."""
+    parts = [str(result[key]) for key in ("date", "device", "model") if result.get(key)]
+    batches = sorted({r["max_running"] for r in result.get("rows", []) if isinstance(r.get("max_running"), int)})
+    if batches:
+        parts.append("B " + "/".join(map(str, batches)))
+    return ", ".join(parts)
