@@ -18,14 +18,18 @@ def _grow(fast: bool, batches, build) -> tuple[MDCIIndex, PagePool]:
     index = MDCIIndex(pool, IndexConfig(promote_every=20), 16)
     index.fast_insert = fast
     index.build(*build)
-    run, index.kernel_rows = index._insert_plain_run, 0
+    run, split, index.kernel_rows, index.python_splits = index._insert_plain_run, index._split, 0, 0
 
     def counted(*args):
-        done = run(*args)
+        done, wants_split = run(*args)
         index.kernel_rows += done
-        return done
+        return done, wants_split
 
-    index._insert_plain_run = counted
+    def counted_split(*args):
+        index.python_splits += 1
+        return split(*args)
+
+    index._insert_plain_run, index._split = counted, counted_split
     for k, v in batches:
         index.insert(k, v)
     return index, pool
@@ -43,6 +47,7 @@ def test_fast_insert_equals_python_insert(seed):
         n = slow.n_pages
         inserted = sum(len(k) for k, _ in batches)
         assert slow.kernel_rows == 0 and inserted // 2 < fast.kernel_rows < inserted  # both paths ran
+        assert slow.python_splits >= 3 and fast.python_splits == 0  # the kernel made every split
         assert fast.n_tokens == slow.n_tokens == 300 + sum(len(k) for k, _ in batches)
         assert (fast.n_pages, fast.n_clusters) == (n, slow.n_clusters)
         np.testing.assert_array_equal(fast.table.page_tokens[:n], slow.table.page_tokens[:n])

@@ -27,7 +27,7 @@ from icecache_ray.index.routing import Routing
 from icecache_ray.index.select import merge_group
 from icecache_ray.index.storage import PageTable, check_keys, check_queries
 from icecache_ray.kernels import mdci as K
-from icecache_ray.kernels.insert import insert_run
+from icecache_ray.kernels.insert import augment_centres, insert_run, nearest_cluster, nearest_page, split_order, sq_norm
 
 log = logging.getLogger(__name__)
 
@@ -244,52 +244,70 @@ class MDCIIndex:
         first_new = self.n_pages
         self._radius_cache = None
         self._insert_centres = None  # augmented cluster keys, shared by the rows of this batch
-        row = 0
+        row, spare = 0, np.zeros(0, np.int64)
         while row < keys.shape[0]:
-            row += self._insert_plain_run(keys, values, row, dirty) if self.fast_insert else 0
-            if row < keys.shape[0]:  # a cluster centre or a split: the Python path
+            if self.fast_insert:
+                done, wants_split = self._insert_plain_run(keys, values, row, dirty, spare)
+                row, spare = row + done, np.zeros(0, np.int64)
+                if wants_split and self._can_split_in_kernel():
+                    spare = self.table._reserve(1).astype(np.int64)  # the next call's first row splits into it
+                    continue
+            if row < keys.shape[0]:  # a cluster centre, or a split the kernel cannot make: the Python path
                 dirty.update(self._insert_one(keys[row], values[row]))
                 row += 1
         self._insert_centres = None
         new = np.arange(first_new, self.n_pages, dtype=np.int32)
         return InsertResult(dirty_pages=np.asarray(sorted(dirty), np.int32), new_pages=new)
 
-    def _insert_plain_run(self, keys: np.ndarray, values: np.ndarray, start: int, dirty: set[int]) -> int:
-        """Rows ``start..`` that :meth:`_insert_one` would append to a page with room, in one numba
-        call (``kernels.insert.insert_run``); stops before the first that needs the Python path.
-        Returns how many rows it inserted."""
+    def _insert_plain_run(self, keys: np.ndarray, values: np.ndarray, start: int, dirty: set[int],
+                          spare: np.ndarray) -> tuple[int, bool]:
+        """Rows ``start..`` that :meth:`_insert_one` would append to a page, or split a page into
+        the reserved index page ``spare`` [0 or 1] for, in one numba call
+        (``kernels.insert.insert_run``); stops before the first row that needs the Python path or
+        another reserved page. Returns (rows inserted, whether it stopped at a split)."""
         t = self.table
         cached = self._insert_centres
         if cached is None or cached[0] != self.n_clusters:
             cached = (self.n_clusters, -1.0, np.empty((self.n_clusters, self.head_dim + 1), np.float32))
-        pages = np.empty(keys.shape[0] - start, np.int64)
-        done, self.max_sq_norm, centres_norm = insert_run(
+        n = keys.shape[0] - start
+        pages, split_new = np.empty(n, np.int64), np.full(n, -1, np.int64)
+        done, self.max_sq_norm, centres_norm, used, wants_split = insert_run(
             keys, values, start, self.n_tokens, self.config.promote_every, self.max_sq_norm, cached[2], cached[1],
             t.cluster_keys, t.cluster_size, t.cluster_radius, self.n_clusters, t.cluster_first_page, t.page_next,
             t.page_count, t.page_tokens, t.key_index, t.key_pages, pages,
+            spare, split_new, self._direction, PCA_ITERS, t.page_cluster, t.cluster_last_page, t.cluster_n_pages,
         )
+        t.unreserve(len(spare) - used)
         if t.own_keys and done:  # the kernel wrote the float32 key copy; the 16-bit pool rows here
             tokens = np.arange(self.n_tokens, self.n_tokens + done)
             t.store_inserted(pages[:done], tokens, keys[start : start + done], values[start : start + done])
         self._insert_centres = (self.n_clusters, centres_norm, cached[2])
         self.n_tokens += done
         dirty.update(pages[:done].tolist())
-        return done
+        dirty.update(split_new[split_new >= 0].tolist())
+        return done, wants_split
+
+    def _can_split_in_kernel(self) -> bool:
+        """Splits run in the kernel with a float32 pool that has a free page; otherwise (a 16-bit
+        pool: its rows are encoded in Python; an exhausted pool: the Python path raises
+        PoolExhausted, keeping the earlier rows) in :meth:`_split`."""
+        return not self.table.own_keys and self.table.pool.num_free > 0
 
     def _nearest_cluster_for_insert(self, key: np.ndarray) -> int:
         """Nearest cluster of one new key; the augmented centres are computed once per batch (and
         again only after a new cluster or a larger M), which keeps insertion cheap at 1M tokens."""
         cached = self._insert_centres
         if cached is None or cached[0] != self.n_clusters or cached[1] != self.max_sq_norm:
-            centres = self._augment(self.table.cluster_keys[: self.n_clusters])
+            centres = np.empty((self.n_clusters, self.head_dim + 1), np.float32)
+            augment_centres(self.table.cluster_keys, self.n_clusters, self.max_sq_norm, centres)
             self._insert_centres = cached = (self.n_clusters, self.max_sq_norm, centres)
-        return int(np.argmax(cached[2] @ self._augment_one(key)))
+        return int(nearest_cluster(cached[2], self.n_clusters, key, self.max_sq_norm))
 
     def _insert_one(self, key: np.ndarray, value: np.ndarray) -> list[int]:
         """Insert one token; on PoolExhausted nothing of this token is kept (earlier ones are)."""
         token = self.n_tokens
         level = level_of(token, self.config.promote_every, self.config.promote_every_upper)
-        self.max_sq_norm = max(self.max_sq_norm, float(key @ key))
+        self.max_sq_norm = max(self.max_sq_norm, float(sq_norm(key)))  # the kernel's sum, so both paths agree
         if level == 0:
             cluster = self._nearest_cluster_for_insert(key)
             dirty = self._add_to_cluster(cluster, token, key, value)
@@ -310,17 +328,14 @@ class MDCIIndex:
         """Put one token into the nearest (by centroid) page of its cluster that has room; when
         every page of the cluster is full, split the nearest one. Preferring pages with room keeps
         pages nearly full (a half-empty page wastes a device slot at decode time)."""
-        pages = self.table.cluster_page_list(cluster)
-        # empty slots of a page are zero rows, so a page's centroid is its row sum / count
-        counts = self.table.page_count[pages]
-        centroids = self.table.page_key_rows(pages).sum(axis=1) / counts[:, None]
-        closeness = self._augment(centroids) @ self._augment_one(key)
-        has_room = counts < self.page_size
-        if has_room.any():
-            page = int(pages[has_room][int(np.argmax(closeness[has_room]))])
+        t = self.table
+        where = (key, self.max_sq_norm, int(t.cluster_first_page[cluster]), t.page_next, t.page_count, t.key_index,
+                 t.key_pages, self.page_size)
+        page = nearest_page(*where, True)
+        if page >= 0:
             self.table.append_row(page, token, key, value)
             return [page]
-        return self._split(int(pages[int(np.argmax(closeness))]), token, key, value)
+        return self._split(nearest_page(*where, False), token, key, value)
 
     def _split(self, page: int, token: int, key: np.ndarray, value: np.ndarray) -> list[int]:
         """Bisect a full page plus the new token along its principal direction into two pages."""
@@ -328,8 +343,7 @@ class MDCIIndex:
         tokens = np.append(tokens, token)
         keys = np.vstack([keys, key[None]])
         values = np.vstack([values, value[None]])
-        half = -(-len(tokens) // 2)
-        perm, bounds = K.pca_pack(np.ascontiguousarray(self._augment(keys)), half, self._direction, PCA_ITERS)
+        perm, bounds = split_order(keys, self.max_sq_norm, self._direction, PCA_ITERS)
         left, right = perm[bounds[0] : bounds[1]], perm[bounds[1] : bounds[2]]
         # allocate the new page first: if the pool is exhausted the old page is still intact
         new = self.table.new_page(int(self.table.page_cluster[page]), tokens[right], keys[right], values[right], after=page)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from icecache_ray.kernels.insert import add_member
+
 
 def check_keys(keys: np.ndarray, values: np.ndarray, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Validate and convert keys/values [n, head_dim] to contiguous float32 (clear errors for bad input)."""
@@ -148,12 +150,9 @@ class PageTable:
         self.cluster_radius[: self.n_clusters] = radius
 
     def add_member(self, cluster: int, key: np.ndarray) -> None:
-        """Running update of a cluster's mean key and radius for one new member."""
-        n = int(self.cluster_size[cluster]) + 1
-        self.cluster_size[cluster] = n
-        self.cluster_keys[cluster] += (key - self.cluster_keys[cluster]) / n
-        dist = float(np.linalg.norm(key - self.cluster_keys[cluster]))
-        self.cluster_radius[cluster] = max(float(self.cluster_radius[cluster]), dist)
+        """Running update of a cluster's mean key and radius for one new member (the insert
+        kernel's arithmetic, so both insert paths keep the same clusters)."""
+        add_member(self.cluster_keys, self.cluster_size, self.cluster_radius, cluster, key)
 
     def permute_clusters(self, order: np.ndarray) -> None:
         """Renumber clusters: new cluster i is old cluster ``order[i]`` (only before any page exists)."""
@@ -232,6 +231,15 @@ class PageTable:
         self.page_pool[ids] = pool_ids
         self.n_pages = need
         return ids
+
+    def unreserve(self, n: int) -> None:
+        """Give back the last ``n`` pages :meth:`_reserve` made (never linked nor written)."""
+        if n <= 0:
+            return
+        ids = np.arange(self.n_pages - n, self.n_pages)
+        self.pool.free(self.page_pool[ids].copy())
+        self.page_next[ids] = -1
+        self.n_pages -= n
 
     def _link(self, cluster: int, page: int, after: int | None) -> None:
         self.page_cluster[page] = cluster
