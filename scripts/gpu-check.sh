@@ -37,7 +37,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log, remember a failure
   echo "   rc=$rc in $((SECONDS - t0)) s (log: $out/$label.log)" >&2
   [ $rc -eq 0 ] || status=1
 }
-step tests 90 "$PY" -m pytest -q -m "not slow" tests/test_bulk_copy.py tests/test_engine.py tests/test_pool16.py -k "cuda or cupy or bfloat16" -rs
+step tests 90 "$PY" -m pytest -q -m "not slow" tests/test_bulk_copy.py tests/test_engine.py tests/test_pool16.py tests/test_device_select.py -k "cuda or cupy or bfloat16" -rs
 # Random weights (a lent machine has neither the bundled model nor ../shared), bf16 model, rows
 # and host pool (--dtype defaults to bfloat16 on CUDA). 1) No cap, 8k: engine full vs
 # transformers' DynamicCache at B1 / B8, icecache@256 vs full at B8 (steady state).

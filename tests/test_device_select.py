@@ -237,3 +237,67 @@ def test_quest_on_the_device_picks_the_host_policys_pages():
 
     device, host = run("device"), run("host")
     assert device == host and all(n > 0 for n in device[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_missing_page_kernel_equals_the_indexed_copy(dtype):
+    """kernels.device_copy_cuda (one block per planned page, hits skipped) writes exactly what the
+    reference's nonzero + index_copy writes, and nothing else."""
+    from icecache_ray.engine.resident import ResidentKV
+    from icecache_ray.kernels import device_copy_cuda
+
+    g = torch.Generator().manual_seed(0)
+    cap, p, d, n, heads, k, sink = 64, 16, 8, 3, 2, 4, 16
+    pool = torch.randn(cap, 2, p, d, generator=g).to("cuda", dtype)
+    want = torch.randint(0, cap, (n, heads, k), generator=g).cuda()
+    missing = (torch.rand(n, heads, k, generator=g) < 0.5).cuda()
+    slot = torch.stack([torch.randperm(k, generator=g) for _ in range(n * heads)]).view(n, heads, k).cuda()
+    rows = torch.tensor([2, 0, 1], device="cuda")
+    kv = ResidentKV(n, heads, sink, k * p, 32, d, dtype, "cuda")
+    kv.kv.copy_(torch.randn(kv.kv.shape, generator=g).to(dtype))
+    want_kv = kv.kv.clone()
+    dst = kv.flat_base(rows)[:, :, None] + kv.slot_start + slot * p  # [n, H, k]
+    item, head, j = missing.nonzero(as_tuple=True)
+    rows_k = (dst[item, head, j][:, None] + torch.arange(p, device="cuda")).reshape(-1)
+    data = pool.index_select(0, want[item, head, j])  # [m, 2, P, d]
+    flat = want_kv.view(-1, d)
+    flat[rows_k] = data[:, 0].reshape(-1, d)
+    flat[rows_k + kv.v_offset] = data[:, 1].reshape(-1, d)
+    assert device_copy_cuda.supports(pool, kv.flat)
+    device_copy_cuda.copy_missing_pages(pool, want, missing, dst, kv.flat, kv.v_offset)
+    assert torch.equal(kv.kv, want_kv)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("policy", ["full", "icecache", "quest"])
+def test_cuda_decode_step_syncs_only_where_it_counts_a_transfer(policy):
+    """Under ``torch.cuda.set_sync_debug_mode("warn")`` every synchronizing call of a decode step
+    is one of its counted device→host transfers: the sampled ids, plus the window offload on a
+    step where a page leaves a window (still a blocking copy on CUDA). Decode steps where no page
+    leaves make exactly one."""
+    import warnings
+
+    model = _tiny_model().to("cuda")
+    prompts = [torch.randint(1, 96, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (400, 520)]
+    with LocalEngine(model, IceCacheConfig(policy=policy, budget=64), EngineConfig(max_running=2)) as eng:
+        for p in prompts:
+            eng.add(Sequence(p, 40))
+        steps = []
+        while eng.has_work:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:  # a local stage runs the step in launch(); complete() applies its sampled ids
+                    pending = eng.launch()
+                    eng.complete(pending)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            if not pending.plan.prefill_segments and pending.plan.n_decode:
+                syncs = sum("synchroniz" in str(w.message) for w in caught)
+                steps.append((syncs, eng.last_stats.host_syncs))
+    assert len(steps) > 20
+    assert all(syncs <= counted for syncs, counted in steps), steps
+    assert sum(counted == 1 for _, counted in steps) > len(steps) // 2, steps

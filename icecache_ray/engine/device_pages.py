@@ -23,6 +23,7 @@ from icecache_ray.engine.device_slots import DeviceSlots
 from icecache_ray.engine.page_summary import PageSummary
 from icecache_ray.engine.pool_view import pool_tensor
 from icecache_ray.engine.sizing import PAGE_FILL_SLACK
+from icecache_ray.kernels import device_copy_cuda
 from icecache_ray.kernels.device_select_cpu import apply_changes as apply_changes_cpu
 from icecache_ray.kernels.device_select_cpu import select_and_load as select_and_load_cpu
 
@@ -129,9 +130,14 @@ class DevicePages:
         step.add_device_counts(torch.from_numpy(selected), torch.from_numpy(loaded), self.kv.page_bytes(self.cfg.page_size))
 
     def _copy_pages(self, rows: torch.Tensor, missing: torch.Tensor, want: torch.Tensor, slot: torch.Tensor) -> None:
-        """The missing pages, pool view → their slots (K and V in one indexed copy)."""
+        """The missing pages, pool view → their slots (K and V in one indexed copy; on CUDA one
+        kernel over the static plan, see kernels.device_copy_cuda)."""
         p = self.cfg.page_size
-        item, head, j = missing.nonzero(as_tuple=True)  # CPU: free; CUDA: the one data-dependent size
+        if device_copy_cuda.supports(self.pool_t, self.kv.flat):
+            dst = self.kv.flat_base(rows)[:, :, None] + self.kv.slot_start + slot * p  # [n, H, k]
+            device_copy_cuda.copy_missing_pages(self.pool_t, want.clamp(min=0), missing, dst, self.kv.flat, self.kv.v_offset)
+            return
+        item, head, j = missing.nonzero(as_tuple=True)  # the reference; on CUDA a host sync (data-dependent size)
         src = want[item, head, j]
         base = self.kv.flat_base(rows)[item, head] + self.kv.slot_start + slot[item, head, j] * p  # [m]
         dst = base[:, None] + torch.arange(p, device=rows.device)[None, :]  # [m, P]
