@@ -132,13 +132,6 @@ class MDCIIndex:
         extra = np.sqrt(np.maximum(self.max_sq_norm - sq, 0.0)).astype(np.float32)
         return np.concatenate([keys, extra[:, None]], axis=1)
 
-    def _augment_one(self, key: np.ndarray) -> np.ndarray:
-        """[d] -> [d + 1]: :meth:`_augment` of one key without the batch machinery."""
-        out = np.empty(key.shape[0] + 1, np.float32)
-        out[:-1] = key
-        out[-1] = np.sqrt(max(self.max_sq_norm - float(key @ key), 0.0))
-        return out
-
     def _nearest_clusters(self, keys: np.ndarray, chunk: int = 4096) -> np.ndarray:
         """Cluster with the largest augmented inner product for each key. Returns [n] int64."""
         centres = self._augment(self.table.cluster_keys[: self.n_clusters])

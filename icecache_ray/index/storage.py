@@ -163,23 +163,11 @@ class PageTable:
             arr = getattr(self, name)
             arr[:n] = arr[:n][order]
 
-    def cluster_page_list(self, cluster: int) -> np.ndarray:
-        out = []
-        p = int(self.cluster_first_page[cluster])
-        while p >= 0:
-            out.append(p)
-            p = int(self.page_next[p])
-        return np.asarray(out, np.int64)
-
     # ------------------------------------------------------------------ keys
     @property
     def key_index(self) -> np.ndarray:
         """[>= n_pages] int32: row of ``key_pages`` holding each index page's keys."""
         return self._key_rows if self.own_keys else self.page_pool
-
-    def page_key_rows(self, pages: np.ndarray) -> np.ndarray:
-        """K rows (all ``page_size`` slots, empty ones zero) of index pages [m]: [m, P, d] float32."""
-        return self.key_pages[self.key_index[pages], 0]
 
     def _store_rows(self, pages: np.ndarray, slots: np.ndarray | slice, keys: np.ndarray, values: np.ndarray) -> None:
         """Write K/V rows of index pages to the pool (encoded to its dtype) and the K rows to the
