@@ -6,7 +6,7 @@ per length, the mean per-prompt difference with a 95 % percentile-bootstrap inte
 resamples, seed 0) for: the rerun's icecache@256 against the suite's oracle@256 and icecache@256
 (host selector), its icecache@128 against the suite's quest@256 and icecache@128, and its full
 cache against the suite's (the check that both runs saw the same prompts and decoding: 0 on every
-prompt). Prints JSON. Used on 2026-12-07 for suite-device-2026-12-07.json, a run cut short.
+prompt). Prints JSON. Used on 2026-12-07 for suite-device-2026-12-07.json (n = 102 at both lengths).
 """
 
 from __future__ import annotations
