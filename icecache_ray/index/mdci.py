@@ -26,6 +26,7 @@ from icecache_ray.index.levels import level_of, levels_of
 from icecache_ray.index.routing import Routing
 from icecache_ray.index.select import merge_group
 from icecache_ray.index.storage import PageTable, check_keys, check_queries
+from icecache_ray.kernels import EMPTY
 from icecache_ray.kernels import mdci as K
 from icecache_ray.kernels.insert import augment_centres, insert_run, nearest_cluster, nearest_page, split_order, sq_norm
 
@@ -237,11 +238,11 @@ class MDCIIndex:
         first_new = self.n_pages
         self._radius_cache = None
         self._insert_centres = None  # augmented cluster keys, shared by the rows of this batch
-        row, spare = 0, np.zeros(0, np.int64)
+        row, spare = 0, EMPTY
         while row < keys.shape[0]:
             if self.fast_insert:
                 done, wants_split = self._insert_plain_run(keys, values, row, dirty, spare)
-                row, spare = row + done, np.zeros(0, np.int64)
+                row, spare = row + done, EMPTY
                 if wants_split and self._can_split_in_kernel():
                     spare = self.table._reserve(1).astype(np.int64)  # the next call's first row splits into it
                     continue
