@@ -123,6 +123,14 @@ def test_throughput_bench_rejects_bad_arguments(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
+def test_throughput_runs_policies_in_the_order_asked():
+    """Runs of one configuration pair in both orders are how drift of this machine is cancelled."""
+    from icecache_ray.bench.throughput import policies
+
+    assert list(policies(256, ["icecache", "full"])) == ["icecache@256", "full"]
+    assert list(policies(256, ["full", "quest", "full"])) == ["full", "quest@256"]
+
+
 def test_throughput_random_weights_runs_without_the_bundled_model_or_data(tmp_path, monkeypatch):
     """`--random-weights` (the GPU check's mode: a lent machine has neither the bundled model nor
     ../shared): SmolLM2's shape, random-token documents of the asked lengths, every phase measured,

@@ -72,7 +72,7 @@ def _parse(argv):
     p.add_argument("--max-step-tokens", type=int, default=2048, help="the engine's per-step token budget")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the Ray run stays on CPU workers; use --skip-ray there)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (driver and Ray stage worker)")
-    p.add_argument("--policies", default="full,quest,icecache", help="policies to measure (comma separated)")
+    p.add_argument("--policies", default="full,quest,icecache", help="policies to measure, run in this order (comma separated)")
     p.add_argument("--select-threads", default="1",
                    help="threads of one batched selection; several values add steady-state rows (the first is used end to end)")
     p.add_argument("--random-weights", action="store_true",
@@ -135,7 +135,7 @@ def policies(budget: int, names=("full", "quest", "icecache"), pool_dtype: str =
     every = {"full": ("full", IceCacheConfig(policy="full", pool=pool)),
              "quest": (f"quest@{budget}", IceCacheConfig(policy="quest", budget=budget, pool=pool)),
              "icecache": (f"icecache@{budget}", IceCacheConfig(budget=budget, pool=pool))}
-    return dict(every[n] for n in every if n in names)
+    return dict(every[n] for n in dict.fromkeys(names))  # the order asked for: runs go in this order
 
 
 # ---------------------------------------------------------------------------- the run

@@ -4,6 +4,7 @@ runs of a document set (local engine, Ray engine). Each returns one JSON row."""
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 
@@ -13,6 +14,8 @@ from icecache_ray.bench.memory_probe import PeakMemory, ray_actor_pids
 from icecache_ray.config import IceCacheConfig
 from icecache_ray.engine.sequence import Sequence
 from icecache_ray.serving_config import DeploymentConfig, EngineConfig
+
+log = logging.getLogger("icecache_ray.bench.throughput")
 
 
 # ---------------------------------------------------------------------------- steady state
@@ -86,7 +89,7 @@ def _memory(mem: PeakMemory) -> dict:
 def drive(engine, seqs: list[Sequence], rows: int) -> dict:
     """Step ``engine`` until every sequence of ``seqs`` (already queued) has ended; per step its
     time, decode rows, prefill tokens and select ms."""
-    steps = []
+    steps, reported = [], 0
     t_start = time.perf_counter()
     while engine.has_work and engine.alive:
         t0 = time.perf_counter()
@@ -96,11 +99,21 @@ def drive(engine, seqs: list[Sequence], rows: int) -> dict:
         engine.complete(pending)
         plan = pending.plan
         steps.append((1e3 * (time.perf_counter() - t0), plan.n_decode, plan.n_tokens - plan.n_decode, engine.last_stats))
+        reported = _progress(seqs, reported, t_start)
     failed = [s.error for s in seqs if s.error]
     if failed:
         raise RuntimeError(f"{len(failed)} document(s) failed: {failed[0]}")
     wall = time.perf_counter() - t_start
     return _e2e_numbers(steps, seqs, rows, wall)
+
+
+def _progress(seqs: list[Sequence], reported: int, t_start: float) -> int:
+    """Log each newly ended document (a run of 16 long documents takes minutes); returns how
+    many have ended."""
+    ended = sum(s.done for s in seqs)
+    if ended > reported:
+        log.info("end to end: %d/%d documents done after %.0f s", ended, len(seqs), time.perf_counter() - t_start)
+    return ended
 
 
 def _e2e_numbers(steps, seqs, rows: int, wall: float) -> dict:
