@@ -77,9 +77,18 @@ def test_suite_smoke_run_writes_the_output_contract(never_eos_model_dir, tmp_pat
     assert out.with_suffix(".md").exists()
 
 
+def test_selector_reaches_every_selecting_configuration():
+    from icecache_ray.eval.suite import suite_runs
+
+    for selector in ("host", "device"):
+        chosen = {(p, cfg.selector) for p, _, cfg in suite_runs(selector=selector) if p in ("icecache", "quest")}
+        assert chosen == {("icecache", selector), ("quest", selector)}
+    assert {cfg.selector for p, _, cfg in suite_runs() if p == "icecache"} == {"device"}  # the config's default
+
+
 @pytest.mark.parametrize("argv,match", [(["--lengths", "0"], "--lengths"), (["--lengths", "x"], "--lengths"),
                                         (["--parts", "magic"], "--parts"), (["--samples-per-variant", "0"], "--samples-per-variant"),
-                                        (["--configs", "icecache@300"], "icecache@300")])
+                                        (["--configs", "icecache@300"], "icecache@300"), (["--selector", "gpu"], "--selector")])
 def test_bad_suite_options_are_named_before_any_model_loads(argv, match, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--json", str(tmp_path / "s.json"), *argv])
@@ -144,6 +153,8 @@ def test_configs_runs_only_the_named_configurations_and_full(never_eos_model_dir
     monkeypatch.setattr(generate, "SharedPrefill", no_decoding)
     assert main(argv + ["--resume"]) == 0
     assert json.loads(out.read_text())["rows"] == result["rows"]
+    with pytest.raises(SystemExit, match="was run with selector=None, this run has 'host'"):
+        main(argv + ["--resume", "--selector", "host"])  # other pages, other rows: not mixed into this file
     # --report-only runs nothing: it keeps every row of a subset run and the file's own arguments,
     # whatever options it is given (it once kept only units finished by all 12 configurations)
     before = json.loads(out.read_text())

@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection
 
 import numpy as np
 
-from icecache_ray.config import IceCacheConfig
+from icecache_ray.config import SELECTORS, IceCacheConfig
 from icecache_ray.eval.suite_report import label, markdown, summarize_suite
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,13 @@ log = logging.getLogger(__name__)
 SUITE_BUDGETS = {"icecache": (64, 128, 256, 512, 1024), "quest": (256, 512, 1024, 2048), "oracle": (128, 256)}
 
 
-def suite_runs(budgets: dict[str, tuple[int, ...]] = SUITE_BUDGETS) -> list[tuple[str, int | None, IceCacheConfig]]:
-    """(policy, budget, config): ``full`` once, then every policy at each of its budgets."""
+def suite_runs(budgets: dict[str, tuple[int, ...]] = SUITE_BUDGETS,
+               selector: str | None = None) -> list[tuple[str, int | None, IceCacheConfig]]:
+    """(policy, budget, config): ``full`` once, then every policy at each of its budgets.
+    ``selector`` (``device``/``host``) goes to every configuration; ``None`` keeps the config's default."""
     runs = [("full", None, IceCacheConfig(policy="full"))]
     for policy, values in budgets.items():
-        runs += [(policy, b, IceCacheConfig(policy=policy, budget=b)) for b in values]
+        runs += [(policy, b, IceCacheConfig(policy=policy, budget=b, selector=selector)) for b in values]
     return runs
 
 
@@ -138,6 +140,8 @@ def parse_args(argv=None):
     p.add_argument("--parts", default="ruler,longgen,summary", help="which parts to run")
     p.add_argument("--configs", default=None,
                    help="comma-separated policy@budget labels to run (default: all; full is always run)")
+    p.add_argument("--selector", default=None, choices=SELECTORS,
+                   help="where icecache and quest choose their pages (default: IceCacheConfig's, device)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2)")
     p.add_argument("--resume", action="store_true",
@@ -165,7 +169,7 @@ def parse_args(argv=None):
     if args.configs is not None:
         args.configs = [x for x in args.configs.split(",") if x]
         try:
-            select_runs(suite_runs(), args.configs)  # names an unknown label before any model loads
+            select_runs(suite_runs(selector=args.selector), args.configs)  # names an unknown label before any model loads
         except ValueError as exc:
             p.error(str(exc))
     return args
@@ -187,7 +191,7 @@ def main(argv=None) -> int:
     from icecache_ray.model import load_model
 
     args = parse_args(argv)
-    runs, out = select_runs(suite_runs(), args.configs), Path(args.json)
+    runs, out = select_runs(suite_runs(selector=args.selector), args.configs), Path(args.json)
     if args.report_only:
         print(markdown(report_again(out)))
         return 0
