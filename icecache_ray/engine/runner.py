@@ -18,6 +18,7 @@ import torch
 from icecache_ray.config import IceCacheConfig
 from icecache_ray.engine.attention import ACTIVE_CACHE, use_row_attention
 from icecache_ray.engine.dense_rows import DenseRows
+from icecache_ray.engine.leaving import LeavingTokens
 from icecache_ray.engine.plan import StepPlan
 from icecache_ray.engine.row_cache import RowCache, StepLayout
 from icecache_ray.engine.sparse_rows import SparseRows
@@ -78,6 +79,7 @@ class ModelRunner:
         self.owner = {layer: self.clients[k % len(self.clients)] for k, layer in enumerate(sparse)}
         # one window state for every sparse layer: they hold the same positions of the same rows
         self.windows = RowWindows(n_rows, config.sink_tokens, config.window_pages, config.page_size)
+        self.leaving = LeavingTokens(self.device)  # leaving window tokens: to the stores after the step's sync
         # dense rows: positions below this were written or zeroed at least once (a padded decode
         # call reads up to the step's longest row; never-written memory there may hold NaN)
         self.clean_end, self.max_seq_len = np.zeros(n_rows, np.int64), max_seq_len
@@ -97,7 +99,7 @@ class ModelRunner:
                 raise ValueError(f"layers={self.layers}: starts inside a layer_reuse={cfg.layer_reuse} run (anchor layer {anchor_idx})")
             anchor = out[anchor_idx] if anchor_idx != i else None
             out[i] = SparseRows(i, cfg, self.windows, heads, head_dim, self.dtype, self.device, LayerStores(self.owner[i], i),
-                                anchor, max_seq_len)
+                                anchor, max_seq_len, self.leaving)
         return out
 
     # ------------------------------------------------------------------ one step
@@ -227,6 +229,7 @@ def run_stage(runner: ModelRunner, plan: StepPlan, incoming, want_logits: bool =
         device_counts = to_host(device_counts)
     if device_counts is not None:
         _add_device_counts(own, device_counts)
+    runner.leaving.flush()
     own["stats"].host_syncs += host_transfers() - before
     return out, merge_counters(counters, own)
 

@@ -9,8 +9,9 @@ Decode, for all decoding rows at once: the new tokens go into each row's window 
 batched selection covers every row and KV head; only pages that are not resident are copied (one
 gather, one copy, one scatter for the layer); attention runs over sink | slots | ring with a
 boolean mask, one SDPA call for the rows. Tokens leaving a window are inserted into the stores in
-the background and stay attended until that insertion is done (the next step), so no token is
-ever lost or counted twice.
+the background (off a CPU, copied to pinned memory without a sync: :mod:`~icecache_ray.engine.leaving`)
+and stay attended until that insertion is done (the next step), so no token is ever lost or
+counted twice.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from icecache_ray.config import IceCacheConfig
 from icecache_ray.engine.attention import prefill_attention
 from icecache_ray.engine.device_pages import DevicePages
 from icecache_ray.engine.device_quest import DeviceQuest
+from icecache_ray.engine.leaving import LeavingTokens
 from icecache_ray.engine.resident import ResidentKV
 from icecache_ray.engine.slots import SlotTable
 from icecache_ray.engine.stats import StepStats
@@ -37,8 +39,9 @@ class SparseRows:
     the layer attends over its own K/V of the tokens that layer selected (IceCache(r))."""
 
     def __init__(self, layer_idx: int, config: IceCacheConfig, windows: RowWindows, heads: int, head_dim: int, dtype, device,
-                 stores, anchor: "SparseRows | None" = None, max_seq_len: int = 8192) -> None:
+                 stores, anchor: "SparseRows | None" = None, max_seq_len: int = 8192, leaving: LeavingTokens | None = None) -> None:
         self.layer_idx, self.cfg, self.stores, self.anchor = layer_idx, config, stores, anchor
+        self.leaving = leaving or LeavingTokens(device)  # the runner's, shared by every sparse layer (it flushes after the step)
         p, n_rows = config.page_size, len(windows.length)
         self.windows = windows  # the runner's, shared by every sparse layer (it advances them once per step)
         slot_rows = config.retrieved_pages * p
@@ -259,9 +262,9 @@ class SparseRows:
             if self.device_quest is not None:
                 self.device_quest.append(int(step.decode_rows[i]), kv)
             elif self.cfg.policy != "streaming":
-                items.append((seqs[i], *_offload(kv)))
+                items.append((seqs[i], kv))
         if items:
-            self.stores.insert(items)
+            self.leaving.hand_over(self.stores, items)
 
     def device_bytes(self) -> int:
         sides = (self.device_pages, self.device_quest)
@@ -276,10 +279,3 @@ class SparseRows:
 def _host(x: torch.Tensor) -> np.ndarray:
     """A float32 host copy (the stores' format) of a device tensor (prefill: not a decode step)."""
     return to_host(x, count=False)
-
-
-def _offload(kv: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """K, V [H, m, d] float32 host copies of leaving window tokens [2, H, m, d]. On CUDA this is
-    still a blocking copy (counted as a host transfer); on a CPU it is a plain copy."""
-    host = to_host(kv, count=kv.device.type != "cpu")
-    return host[0], host[1]

@@ -29,3 +29,15 @@ def to_host(x: torch.Tensor, count: bool = True) -> np.ndarray:
 def host_transfers() -> int:
     """Device→host transfers made by this thread so far."""
     return getattr(_counts, "n", 0)
+
+
+def wait_for_device(device: torch.device) -> None:
+    """Block until ``device``'s current stream has done its queued work (a no-op on a CPU); counted
+    like a transfer, since it blocks the host the same way."""
+    if device.type == "cpu":
+        return
+    _counts.n = getattr(_counts, "n", 0) + 1
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    else:
+        torch.accelerator.synchronize(device)
