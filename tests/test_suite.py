@@ -84,11 +84,13 @@ def test_selector_reaches_every_selecting_configuration():
         chosen = {(p, cfg.selector) for p, _, cfg in suite_runs(selector=selector) if p in ("icecache", "quest")}
         assert chosen == {("icecache", selector), ("quest", selector)}
     assert {cfg.selector for p, _, cfg in suite_runs() if p == "icecache"} == {"device"}  # the config's default
+    assert {cfg.shortlist for p, _, cfg in suite_runs(shortlist=16) if p != "full"} == {16}
 
 
 @pytest.mark.parametrize("argv,match", [(["--lengths", "0"], "--lengths"), (["--lengths", "x"], "--lengths"),
                                         (["--parts", "magic"], "--parts"), (["--samples-per-variant", "0"], "--samples-per-variant"),
-                                        (["--configs", "icecache@300"], "icecache@300"), (["--selector", "gpu"], "--selector")])
+                                        (["--configs", "icecache@300"], "icecache@300"), (["--selector", "gpu"], "--selector"),
+                                        (["--shortlist", "0.5"], "--shortlist")])
 def test_bad_suite_options_are_named_before_any_model_loads(argv, match, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--json", str(tmp_path / "s.json"), *argv])
@@ -155,6 +157,8 @@ def test_configs_runs_only_the_named_configurations_and_full(never_eos_model_dir
     assert json.loads(out.read_text())["rows"] == result["rows"]
     with pytest.raises(SystemExit, match="was run with selector=None, this run has 'host'"):
         main(argv + ["--resume", "--selector", "host"])  # other pages, other rows: not mixed into this file
+    with pytest.raises(SystemExit, match="was run with shortlist=None, this run has 16.0"):
+        main(argv + ["--resume", "--shortlist", "16"])
     # --report-only runs nothing: it keeps every row of a subset run and the file's own arguments,
     # whatever options it is given (it once kept only units finished by all 12 configurations)
     before = json.loads(out.read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 PARTS = ("ruler", "longgen", "summary")
 # The arguments that decide what a finished row holds: a resumed run must not mix other values in.
-ROW_DEFINING_ARGS = ("seed", "longgen_length", "longgen_tokens", "summary_tokens", "corpus", "model", "selector")
+ROW_DEFINING_ARGS = ("seed", "longgen_length", "longgen_tokens", "summary_tokens", "corpus", "model", "selector", "shortlist")
 # What identifies one unit of work in each part (one prompt, one text, one document).
 UNIT_KEYS = {"ruler": ("length", "variant", "sample"), "longgen": ("text",), "summary": ("document",)}
 

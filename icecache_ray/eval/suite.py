@@ -31,13 +31,15 @@ log = logging.getLogger(__name__)
 SUITE_BUDGETS = {"icecache": (64, 128, 256, 512, 1024), "quest": (256, 512, 1024, 2048), "oracle": (128, 256)}
 
 
-def suite_runs(budgets: dict[str, tuple[int, ...]] = SUITE_BUDGETS,
-               selector: str | None = None) -> list[tuple[str, int | None, IceCacheConfig]]:
+def suite_runs(budgets: dict[str, tuple[int, ...]] = SUITE_BUDGETS, selector: str | None = None,
+               shortlist: float | None = None) -> list[tuple[str, int | None, IceCacheConfig]]:
     """(policy, budget, config): ``full`` once, then every policy at each of its budgets.
-    ``selector`` (``device``/``host``) goes to every configuration; ``None`` keeps the config's default."""
+    ``selector`` (``device``/``host``) and ``shortlist`` go to every configuration; ``None`` keeps
+    the config's default."""
+    extra = {} if shortlist is None else {"shortlist": shortlist}
     runs = [("full", None, IceCacheConfig(policy="full"))]
     for policy, values in budgets.items():
-        runs += [(policy, b, IceCacheConfig(policy=policy, budget=b, selector=selector)) for b in values]
+        runs += [(policy, b, IceCacheConfig(policy=policy, budget=b, selector=selector, **extra)) for b in values]
     return runs
 
 
@@ -142,6 +144,8 @@ def parse_args(argv=None):
                    help="comma-separated policy@budget labels to run (default: all; full is always run)")
     p.add_argument("--selector", default=None, choices=SELECTORS,
                    help="where icecache and quest choose their pages (default: IceCacheConfig's, device)")
+    p.add_argument("--shortlist", type=float, default=None,
+                   help="device selector: pages re-scored exactly per retrieved slot (default: IceCacheConfig's, 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2)")
     p.add_argument("--resume", action="store_true",
@@ -166,10 +170,15 @@ def parse_args(argv=None):
     if not lengths or min(lengths) <= 0:
         p.error(f"--lengths={args.lengths!r}: comma-separated positive integers")
     args.lengths = lengths
+    if args.shortlist is not None:
+        try:
+            IceCacheConfig(shortlist=args.shortlist)
+        except ValueError as exc:
+            p.error(f"--shortlist={args.shortlist}: {exc}")
     if args.configs is not None:
         args.configs = [x for x in args.configs.split(",") if x]
         try:
-            select_runs(suite_runs(selector=args.selector), args.configs)  # names an unknown label before any model loads
+            select_runs(suite_runs(selector=args.selector, shortlist=args.shortlist), args.configs)  # names an unknown label before any model loads
         except ValueError as exc:
             p.error(str(exc))
     return args
@@ -191,7 +200,7 @@ def main(argv=None) -> int:
     from icecache_ray.model import load_model
 
     args = parse_args(argv)
-    runs, out = select_runs(suite_runs(selector=args.selector), args.configs), Path(args.json)
+    runs, out = select_runs(suite_runs(selector=args.selector, shortlist=args.shortlist), args.configs), Path(args.json)
     if args.report_only:
         print(markdown(report_again(out)))
         return 0
