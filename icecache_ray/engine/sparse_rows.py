@@ -39,9 +39,9 @@ class SparseRows:
     the layer attends over its own K/V of the tokens that layer selected (IceCache(r))."""
 
     def __init__(self, layer_idx: int, config: IceCacheConfig, windows: RowWindows, heads: int, head_dim: int, dtype, device,
-                 stores, anchor: "SparseRows | None" = None, max_seq_len: int = 8192, leaving: LeavingTokens | None = None) -> None:
+                 stores, anchor: "SparseRows | None", max_seq_len: int, leaving: LeavingTokens) -> None:
         self.layer_idx, self.cfg, self.stores, self.anchor = layer_idx, config, stores, anchor
-        self.leaving = leaving or LeavingTokens(device)  # the runner's, shared by every sparse layer (it flushes after the step)
+        self.leaving = leaving  # the runner's, shared by every sparse layer (it flushes after the step)
         p, n_rows = config.page_size, len(windows.length)
         self.windows = windows  # the runner's, shared by every sparse layer (it advances them once per step)
         slot_rows = config.retrieved_pages * p
