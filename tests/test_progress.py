@@ -132,6 +132,25 @@ def test_ticking_logs_a_line_every_interval_and_one_at_the_end(caplog):
     assert _bounded(lines[-1])["ok"] == 1
 
 
+def test_documents_ended_together_are_never_shown_in_part():
+    """A line read while a step's documents are being counted waits until all of them are."""
+    import threading
+
+    p = Progress(max_new_tokens=4)
+    p.plan(documents=4, prompt_tokens=40)
+    seen = []
+    reader = threading.Thread(target=lambda: seen.append(p.snapshot().ok))
+    with p.together():
+        p.ended(True, planned_prompt=10, prompt_tokens=10, generated_tokens=4)
+        reader.start()
+        reader.join(timeout=0.3)
+        assert reader.is_alive() and not seen  # blocked: two of four counted so far
+        for _ in range(3):
+            p.ended(True, planned_prompt=10, prompt_tokens=10, generated_tokens=4)
+    reader.join(timeout=10)
+    assert seen == [4]
+
+
 def test_token_meter_and_the_replicas_actor_count_work_of_ended_and_running_sequences():
     meter = TokenMeter()
     a, b = Sequence([1] * 10, 5), Sequence([1] * 20, 5)

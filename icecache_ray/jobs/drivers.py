@@ -81,12 +81,13 @@ def run_local(args, spec: JobSpec, config: IceCacheConfig, engine_cfg: EngineCon
         return {"engine": "local", "replicas": 0}
 
     def on_rows(rows: list[dict]) -> None:
-        for r in rows:
-            item = by_id[r["id"]]
-            if "error" in r:
-                sink.add_error(r["id"], "generation", r["error"], len(item["ids"]))
-            else:
-                sink.add_result(output_row(r, item["document_tokens"], item["truncated"], config), item["source"], len(item["ids"]))
+        with progress.together():
+            for r in rows:
+                item = by_id[r["id"]]
+                if "error" in r:
+                    sink.add_error(r["id"], "generation", r["error"], len(item["ids"]))
+                else:
+                    sink.add_result(output_row(r, item["document_tokens"], item["truncated"], config), item["source"], len(item["ids"]))
 
     with progress.ticking():
         engine = LocalJobEngine(spec.model_source, config, engine_cfg, args.max_new_tokens, replica_threads(args.threads))

@@ -68,7 +68,7 @@ class Progress:
         if interval_s <= 0:
             raise ValueError(f"Progress.interval_s={interval_s!r}: must be positive")
         self.max_new_tokens, self.interval_s, self._now = max_new_tokens, interval_s, clock_fn
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: :meth:`together` holds it around other methods
         self.documents = self.ok = self.failed = 0
         self._prompt_total = self._generated_total = 0  # the plan, less what ended documents gave back
         self._ended_prompt = self._ended_generated = 0  # tokens of documents that ended
@@ -102,6 +102,12 @@ class Progress:
             self._ended_prompt += prompt_tokens
             self._ended_generated += generated_tokens
             self._account()
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator["Progress"]:
+        """Documents that ended in one step are counted in one go: no line shows part of them."""
+        with self._lock:
+            yield self
 
     def work(self, prefilled: int, generated: int) -> None:
         """The engine's work so far: prompt tokens prefilled and tokens generated (cumulative)."""
