@@ -114,6 +114,7 @@ def test_json_path_returns_the_path_it_checked():
     (["--max-running", "8", "--docs", "4"], "needs at least that many documents"),
     (["--min-tokens", "900", "--max-tokens", "800"], "is below --min-tokens"),
     (["--budget", "250"], "budget"),
+    (["--shortlist", "0.5"], "shortlist"),
 ])
 def test_throughput_bench_rejects_bad_arguments(argv, match, capsys):
     from icecache_ray.bench import throughput
@@ -126,9 +127,12 @@ def test_throughput_bench_rejects_bad_arguments(argv, match, capsys):
 def test_throughput_runs_policies_in_the_order_asked():
     """Runs of one configuration pair in both orders are how drift of this machine is cancelled."""
     from icecache_ray.bench.throughput import policies
+    from icecache_ray.config import IceCacheConfig
 
     assert list(policies(256, ["icecache", "full"])) == ["icecache@256", "full"]
     assert list(policies(256, ["full", "quest", "full"])) == ["full", "quest@256"]
+    assert policies(256, ["icecache"], shortlist=12.0)["icecache@256"].shortlist == 12.0
+    assert policies(256, ["icecache"])["icecache@256"].shortlist == IceCacheConfig().shortlist
 
 
 def test_throughput_random_weights_runs_without_the_bundled_model_or_data(tmp_path, monkeypatch):

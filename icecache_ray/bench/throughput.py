@@ -81,6 +81,8 @@ def _parse(argv):
     p.add_argument("--selectors", default="device,host",
                    help="icecache and quest selectors of the steady phase (the first also runs end to end and is "
                         "labelled icecache@B / quest@B; the others icecache@B/host ...)")
+    p.add_argument("--shortlist", type=float, default=None,
+                   help="icecache's device selector: pages re-scored exactly per retrieved slot (default: IceCacheConfig's, 8)")
     p.add_argument("--skip-floor", action="store_true",
                    help="leave out the floor rows (the full cache over prompts as long as the budget keeps)")
     p.add_argument("--skip-ray", action="store_true", help="leave out the Ray engine run")
@@ -116,7 +118,7 @@ def _parse(argv):
         unknown = sorted(set(args.policy_names) - {"full", "quest", "icecache"})
         if unknown or not args.policy_names:
             raise ValueError(f"--policies={args.policies!r}: choose from full, quest, icecache")
-        IceCacheConfig(budget=args.budget)
+        IceCacheConfig(budget=args.budget, **_shortlist(args.shortlist))
         EngineConfig(max_running=args.e2e_running, max_step_tokens=args.max_step_tokens, device_kv_bytes=args.device_kv_bytes)
     except ValueError as err:
         p.error(str(err))
@@ -130,11 +132,18 @@ def _parse(argv):
     return args
 
 
-def policies(budget: int, names=("full", "quest", "icecache"), pool_dtype: str = "float32") -> dict[str, IceCacheConfig]:
-    pool = PoolConfig(dtype=pool_dtype)
+def _shortlist(shortlist: float | None) -> dict:
+    return {} if shortlist is None else {"shortlist": shortlist}
+
+
+def policies(budget: int, names=("full", "quest", "icecache"), pool_dtype: str = "float32",
+             shortlist: float | None = None) -> dict[str, IceCacheConfig]:
+    """label -> config for each policy in ``names``, in that order; ``shortlist`` (None: the
+    config's default) goes to icecache (quest's bounds need none)."""
+    pool, extra = PoolConfig(dtype=pool_dtype), _shortlist(shortlist)
     every = {"full": ("full", IceCacheConfig(policy="full", pool=pool)),
              "quest": (f"quest@{budget}", IceCacheConfig(policy="quest", budget=budget, pool=pool)),
-             "icecache": (f"icecache@{budget}", IceCacheConfig(budget=budget, pool=pool))}
+             "icecache": (f"icecache@{budget}", IceCacheConfig(budget=budget, pool=pool, **extra))}
     return dict(every[n] for n in dict.fromkeys(names))  # the order asked for: runs go in this order
 
 
@@ -142,7 +151,7 @@ def policies(budget: int, names=("full", "quest", "icecache"), pool_dtype: str =
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     model, docs = _model_and_documents(args)
-    configs = policies(args.budget, args.policy_names, args.dtype)
+    configs = policies(args.budget, args.policy_names, args.dtype, args.shortlist)
     rows: list[dict] = []
     hf_prefill_s = None if args.skip_steady else _steady_phase(model, docs, configs, rows, args)
     e2e_b = args.e2e_running

@@ -41,6 +41,7 @@ def steady_local(model, prefills, name: str, ice: IceCacheConfig, batch: int, ar
         device_bytes = engine.runner.device_bytes()
     row = _steady_row(name, "local", batch, step_ms[args.warmup :], select_ms[args.warmup :], device_bytes, mem)
     return row | {"selector": ice.selector if ice.policy == "icecache" else None,
+                  "shortlist": ice.shortlist if ice.policy == "icecache" and ice.selector == "device" else None,
                   "host_syncs_per_step": statistics.fmean(syncs[args.warmup :])}
 
 
