@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from icecache_ray.config import IceCacheConfig
 from icecache_ray.engine.device_select import pick, shortlist
 from icecache_ray.engine.pool_view import pool_tensor
 from icecache_ray.policies.base import Selection
@@ -21,7 +22,7 @@ class DeviceSelectPolicy:
     every page's mean key, shortlists ``shortlist`` pages per retrieved slot and re-scores them."""
 
     base: object
-    shortlist: float = 8.0
+    shortlist: float = IceCacheConfig.shortlist
     name: str = "icecache_device"
 
     @property

@@ -47,7 +47,7 @@ def _pool_for(n_tokens: int, head_dim: int, page_size: int) -> PagePool:
 
 
 # ---------------------------------------------------------------------------------------- real
-def run_real(work: RealWorkload, budgets: list[int], policies: list[str], index: IndexConfig, shortlist: float = 8.0) -> list[dict]:
+def run_real(work: RealWorkload, budgets: list[int], policies: list[str], index: IndexConfig, shortlist: float = IceCacheConfig.shortlist) -> list[dict]:
     rows = []
     head_dim = next(iter(work.keys.values())).shape[-1]
     for budget in budgets:
@@ -266,7 +266,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--policies", default=",".join(REAL_POLICIES))
     p.add_argument("--sizes", default=None, help="synthetic N list (default 65536,262144,1048576)")
     p.add_argument("--ablation", action="store_true", help="also run index variants on the real workload at budget 256")
-    p.add_argument("--shortlist", type=float, default=8.0, help="icecache_device: shortlisted pages per retrieved slot")
+    p.add_argument("--shortlist", type=float, default=IceCacheConfig.shortlist,
+                   help="icecache_device: shortlisted pages per retrieved slot (default: IceCacheConfig's)")
     p.add_argument("--skip-real", action="store_true")
     p.add_argument("--skip-synthetic", action="store_true")
     p.add_argument("--seed", type=int, default=0)

@@ -82,7 +82,7 @@ def _parse(argv):
                    help="icecache and quest selectors of the steady phase (the first also runs end to end and is "
                         "labelled icecache@B / quest@B; the others icecache@B/host ...)")
     p.add_argument("--shortlist", type=float, default=None,
-                   help="icecache's device selector: pages re-scored exactly per retrieved slot (default: IceCacheConfig's, 8)")
+                   help="icecache's device selector: pages re-scored exactly per retrieved slot (default: IceCacheConfig's, 12)")
     p.add_argument("--skip-floor", action="store_true",
                    help="leave out the floor rows (the full cache over prompts as long as the budget keeps)")
     p.add_argument("--skip-ray", action="store_true", help="leave out the Ray engine run")

@@ -11,9 +11,12 @@ together, summing their softmax mass: ``IndexConfig.gqa="sum"``, ``page_score="m
    token slots. With a shortlist holding every page this is exactly the host selector's rule over
    all pages (``MDCIIndex.select_fast`` when its beam covers every cluster).
 
-Why a shortlist of 8 pages per slot (``IceCacheConfig.shortlist``): on bench.retrieval's 8k
-workload it keeps the host search's recall (docs/benchmarks.md "Device selection", measured
-2026-12-06: 4x 0.902 / 0.843 at budget 256 / 128, 8x 0.907 / 0.851; host 0.907 / 0.809).
+Why a shortlist of 12 pages per slot (``IceCacheConfig.shortlist``): on bench.retrieval's 8k
+workload 8 already keeps the host search's attention-mass recall (docs/benchmarks.md "Device
+selection", measured 2026-12-06: 4x 0.902 / 0.843 at budget 256 / 128, 8x 0.907 / 0.851, 12x
+0.908 / 0.853; host 0.907 / 0.809), but on RULER at 7.5k tokens 8 scored 3.4 points under 12,
+which is within 2 points of the exact-token oracle at both lengths (docs/accuracy.md, 2026-12-07):
+pages whose centroid ranks low carry some needles' tokens.
 Centroid + radius bounds reward spread pages and lose recall, so they are not used.
 """
 

@@ -145,7 +145,7 @@ def parse_args(argv=None):
     p.add_argument("--selector", default=None, choices=SELECTORS,
                    help="where icecache and quest choose their pages (default: IceCacheConfig's, device)")
     p.add_argument("--shortlist", type=float, default=None,
-                   help="device selector: pages re-scored exactly per retrieved slot (default: IceCacheConfig's, 8)")
+                   help="device selector: pages re-scored exactly per retrieved slot (default: IceCacheConfig's, 12)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2)")
     p.add_argument("--resume", action="store_true",
